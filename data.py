@@ -1,0 +1,190 @@
+"""Data sets as uint8 tensors, batched augmentations that return their parameters, pairing x0 <-> views."""
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+STL10_NORM = ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))  # STAR.md §4.6
+STL10_FILES = {'train': ['train'], 'test': ['test'], 'unlabeled': ['unlabeled'], 'train+unlabeled': ['train', 'unlabeled']}
+FIELDS = ['top', 'left', 'height', 'width', 'flip', 'brightness', 'contrast', 'saturation', 'hue', 'gray', 'sigma']
+IDENTITY = torch.tensor([1.0, 1.0, 1.0, 0.0])  # colour jitter factors when jitter is not applied
+
+
+def fail(msg):
+    """A mistake the user can fix: one line on stderr, exit status 1."""
+    sys.exit(f'error: {msg}')
+
+
+def fit(images, size):
+    """Resize the shorter side to `size` (bicubic, antialiased) and centre-crop to size x size; uint8 in, uint8 out."""
+    if images.shape[-2:] != (size, size):
+        images = TF.center_crop(TF.resize(images, size, TF.InterpolationMode.BICUBIC, antialias=True), size)
+    return images
+
+
+def stl10(root, split, size=96):
+    """STL-10 from `root/stl10_binary/*.bin` as (uint8 N x 3 x size x size, int64 labels; -1 when unlabelled)."""
+    folder = os.path.join(root, 'stl10_binary')
+    names = [f'{part}_X.bin' for part in STL10_FILES[split]] + [f'{p}_y.bin' for p in STL10_FILES[split] if p != 'unlabeled']
+    if not all(os.path.exists(os.path.join(folder, n)) for n in names):
+        try:  # torchvision fetches and extracts the archive when the machine is online
+            torchvision.datasets.STL10(root, split='train', download=True)
+        except Exception as e:
+            fail(f'STL-10 not found in {folder} (expected {", ".join(names)}) and the download failed ({type(e).__name__}); '
+                 f'extract stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ into {root}')
+    images, labels = [], []
+    for part in STL10_FILES[split]:
+        x = torch.from_file(os.path.join(folder, f'{part}_X.bin'), size=os.path.getsize(os.path.join(folder, f'{part}_X.bin')), dtype=torch.uint8)
+        images.append(fit(x.view(-1, 3, 96, 96).transpose(2, 3), size))  # the files store each channel column-major
+        y_path = os.path.join(folder, f'{part}_y.bin')
+        n = images[-1].shape[0]
+        labels.append(torch.from_file(y_path, size=n, dtype=torch.uint8).long() - 1 if part != 'unlabeled' else torch.full((n,), -1))
+    return torch.cat(images), torch.cat(labels)
+
+
+def image_folder(root, size):
+    """Every image below `root`, resized once to size x size; labels index the first-level sub-folders (0 if none)."""
+    if not os.path.isdir(root):
+        fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files = [(os.path.join(d, f), c) for c, sub in enumerate(classes or ['.']) for d, _, fs in sorted(os.walk(os.path.join(root, sub)))
+             for f in sorted(fs) if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'))]
+    images, labels, bad = [], [], 0
+    for path, c in tqdm(files, desc=f'loading {root}', leave=False):
+        try:
+            images.append(fit(torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB), size))
+            labels.append(c)
+        except (RuntimeError, ValueError):
+            bad += 1
+    if bad:
+        print(f'skipped {bad} unreadable image files in {root}', file=sys.stderr)
+    if not images:
+        fail(f'no readable images (.jpg, .png, ...) in {root}')
+    return torch.stack(images), torch.tensor(labels), classes
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images in [0, 1], from up to 10,000 of them."""
+    x = images[:: max(1, len(images) // 10000)].float().div(255).transpose(0, 1).flatten(1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def normalize(x, norm):
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in norm)
+    return (x - mean) / std
+
+
+# ---- augmentations: sample the parameters of every view, then apply them (a pure function of images and parameters)
+
+def sample(n, size, g):
+    """Parameters (n x 11, fields FIELDS, STAR.md §4) and colour-jitter orders (n x 4) of n views of size x size images."""
+    area = size * size * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # RandomResizedCrop, 10 attempts
+    ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+    ok = (w <= size) & (h <= size)
+    first = ok.float().argmax(1, keepdim=True)  # first attempt that fits; the whole image when none does
+    h = torch.where(ok.any(1), h.gather(1, first)[:, 0], size)
+    w = torch.where(ok.any(1), w.gather(1, first)[:, 0], size)
+    top = (torch.rand(n, generator=g) * (size - h + 1)).floor()
+    left = (torch.rand(n, generator=g) * (size - w + 1)).floor()
+    flip = (torch.rand(n, generator=g) < 0.5).float()
+    jitter = torch.rand(n, 1, generator=g) < 0.8
+    factors = torch.cat([torch.empty(n, 3).uniform_(0.6, 1.4, generator=g), torch.empty(n, 1).uniform_(-0.1, 0.1, generator=g)], 1)
+    factors = torch.where(jitter, factors, IDENTITY)
+    gray = (torch.rand(n, generator=g) < 0.2).float()
+    sigma = torch.where(torch.rand(n, generator=g) < 0.5, torch.empty(n).uniform_(0.1, 2.0, generator=g), 0.0)
+    order = torch.rand(n, 4, generator=g).argsort(1)
+    return torch.cat([torch.stack([top, left, h, w, flip], 1), factors, torch.stack([gray, sigma], 1)], 1), order
+
+
+def param_stats(size, n=200_000):
+    """Mean and std of the parameter vector, estimated from the sampler itself with a fixed seed (STAR.md §4, ours)."""
+    p, _ = sample(n, size, torch.Generator().manual_seed(0))
+    return p.mean(0), p.std(0)
+
+
+def crop_flip(x, p):
+    """Per-sample crop (top, left, height, width in source pixels), bilinear resize back to the input size, flip."""
+    n, _, size, _ = x.shape
+    j = (torch.arange(size, device=x.device) + 0.5) / size
+    top, left, h, w, flip = p[:, :5].T
+    ys = (top[:, None] + j * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
+    xs = (left[:, None] + j * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
+    xs = torch.where(flip[:, None] > 0, xs.flip(1), xs)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), -1)
+    return F.grid_sample(x, (2 * grid + 1) / size - 1, mode='bilinear', padding_mode='border', align_corners=False)
+
+
+def grayscale(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(x, y, f):
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)
+
+
+def brightness(x, f):
+    return blend(x, torch.zeros_like(x), f)
+
+
+def contrast(x, f):
+    return blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def saturation(x, f):
+    return blend(x, grayscale(x), f)
+
+
+def hue(x, f):
+    """Rotate the hue by f (a fraction of the colour wheel): RGB -> HSV, shift, HSV -> RGB."""
+    v, arg = x.max(1)
+    c = v - x.min(1).values
+    s = torch.where(v > 0, c / v.clamp_min(1e-12), 0)
+    r, g, b = ((v.unsqueeze(1) - x) / c.clamp_min(1e-12).unsqueeze(1)).unbind(1)  # distances to the max, in units of chroma
+    h6 = torch.where(arg == 0, b - g, torch.where(arg == 1, 2 + r - b, 4 + g - r))
+    h6 = torch.where(c > 0, h6, 0)
+    h6 = ((h6 / 6 + f.view(-1, 1, 1)) % 1) * 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6.unsqueeze(1)) % 6
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def gaussian_blur(x, sigma):
+    """Per-sample Gaussian blur, kernel about a tenth of the image side (9 at 96 px, 23 at 224 px), reflected borders."""
+    n, ch, hgt, wid = x.shape
+    k = int(0.1 * wid) // 2 * 2 + 1
+    t = torch.arange(k, device=x.device) - (k - 1) / 2
+    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(ch, 0)
+    y = F.pad(x, [k // 2] * 4, mode='reflect').reshape(1, n * ch, hgt + k - 1, wid + k - 1)
+    y = F.conv2d(y, kernel.view(n * ch, 1, 1, k), groups=n * ch)
+    return F.conv2d(y, kernel.view(n * ch, 1, k, 1), groups=n * ch).view(n, ch, hgt, wid)
+
+
+JITTER = [brightness, contrast, saturation, hue]
+
+
+def augment(x, p, order):
+    """Apply views' parameters p (n x 11) to float images x in [0, 1]: crop+flip, jitter in `order`, gray, blur."""
+    x = crop_flip(x, p)
+    for step in range(4):
+        for op, fn in enumerate(JITTER):  # only the samples whose factor moves them, so identity is exact
+            i = torch.nonzero((order[:, step] == op) & (p[:, 5 + op] != IDENTITY[op])).squeeze(1)
+            x = x.index_copy(0, i, fn(x[i], p[i, 5 + op]))
+    x = torch.where(p[:, 9].view(-1, 1, 1, 1) > 0, grayscale(x).expand_as(x), x)
+    i = torch.nonzero(p[:, 10] > 0).squeeze(1)
+    return x.index_copy(0, i, gaussian_blur(x[i], p[i, 10]))
+
+
+def make_views(images, p, order, norm, stats):
+    """The pairing the method needs: x0 (normalised original), views v1, v2 and standardised parameters a1, a2.
+    images: uint8 (B x 3 x S x S) on the device; p: 2 x B x 11 and order: 2 x B x 4 from `sample`."""
+    x = images.float().div(255)
+    mean, std = (s.to(x.device) for s in stats)
+    p, order = p.to(x.device), order.to(x.device)
+    v1, v2 = (normalize(augment(x, p[i], order[i]), norm) for i in range(2))
+    return normalize(x, norm), v1, v2, (p[0] - mean) / std, (p[1] - mean) / std
