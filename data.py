@@ -6,6 +6,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -57,9 +58,10 @@ def image_folder(root, size):
     images, labels, bad = [], [], 0
     for path, c in tqdm(files, desc=f'loading {root}', leave=False):
         try:
-            images.append(fit(torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB), size))
+            with Image.open(path) as img:
+                images.append(fit(TF.pil_to_tensor(img.convert('RGB')), size))
             labels.append(c)
-        except (RuntimeError, ValueError):
+        except OSError:
             bad += 1
     if bad:
         print(f'skipped {bad} unreadable image files in {root}', file=sys.stderr)
@@ -173,11 +175,15 @@ def augment(x, p, order):
     x = crop_flip(x, p)
     for step in range(4):
         for op, fn in enumerate(JITTER):  # only the samples whose factor moves them, so identity is exact
-            i = torch.nonzero((order[:, step] == op) & (p[:, 5 + op] != IDENTITY[op])).squeeze(1)
-            x = x.index_copy(0, i, fn(x[i], p[i, 5 + op]))
+            x = apply_to(x, (order[:, step] == op) & (p[:, 5 + op] != IDENTITY[op]), fn, p[:, 5 + op])
     x = torch.where(p[:, 9].view(-1, 1, 1, 1) > 0, grayscale(x).expand_as(x), x)
-    i = torch.nonzero(p[:, 10] > 0).squeeze(1)
-    return x.index_copy(0, i, gaussian_blur(x[i], p[i, 10]))
+    return apply_to(x, p[:, 10] > 0, gaussian_blur, p[:, 10])
+
+
+def apply_to(x, mask, fn, factor):
+    """x with fn(x, factor) in the rows where mask holds."""
+    i = torch.nonzero(mask).squeeze(1)
+    return x.index_copy(0, i, fn(x[i], factor[i])) if len(i) else x
 
 
 def make_views(images, p, order, norm, stats):

@@ -1,13 +1,18 @@
 """NT-Xent (InfoNCE with cosine similarity), for the invariant and the equivariant objectives (STAR.md §2)."""
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+
+from model import AllReduce
 
 
 def gather(x):
     """Rows of every process, in rank order, with gradient (a plain all_gather has no backward)."""
-    return torch.cat(dist_fn.all_gather(x)) if dist.is_initialized() else x
+    if not dist.is_initialized():
+        return x
+    rows = torch.zeros(dist.get_world_size(), *x.shape, dtype=x.dtype, device=x.device)
+    rows[dist.get_rank()] = x
+    return AllReduce.apply(rows).flatten(0, 1)
 
 
 def nt_xent(a, b, tau=0.2):

@@ -1,22 +1,39 @@
 """Encoder, experts, soft task-aware routers, head variants, parameter projector psi and shift predictor phi."""
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torchvision
 
 EMBED = 128  # the embedding size of every head (STAR.md §2)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm (GPUs), plus the CPU/gloo path it lacks: batch moments summed over all processes, with gradient."""
+class AllReduce(torch.autograd.Function):
+    """Sum over processes, with gradient: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.forward(ctx, grad)
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """torch's SyncBatchNorm for CPU processes (gloo), which torch's own refuses: batch moments summed over all
+    processes with gradient, so BN sees the global batch. On GPUs train.py uses nn.SyncBatchNorm."""
+
+    def _check_input_dim(self, x):
+        pass
 
     def forward(self, x):
-        if x.is_cuda or not (self.training and dist.is_initialized()):
+        if not (self.training and dist.is_initialized()):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         n = x.numel() // x.shape[1] * dist.get_world_size()
-        moments = dist_fn.all_reduce(torch.stack([x.sum(dims), (x * x).sum(dims)])) / n
+        moments = AllReduce.apply(torch.stack([x.sum(dims), (x * x).sum(dims)])) / n
         mean, var = moments[0], moments[1] - moments[0] ** 2
         with torch.no_grad():
             self.num_batches_tracked += 1
@@ -27,10 +44,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
 
 
-def encoder(arch, sync=False):
+def encoder(arch, bn=None):
     """torchvision ResNet with zero-initialised residual branches and fc = identity; returns (module, feature size d)."""
-    norm = SyncBatchNorm if sync else nn.BatchNorm2d
-    net = getattr(torchvision.models, arch)(zero_init_residual=True, norm_layer=norm)
+    net = getattr(torchvision.models, arch)(zero_init_residual=True, norm_layer=bn or nn.BatchNorm2d)
     d = net.fc.in_features
     net.fc = nn.Identity()
     return net, d
@@ -96,10 +112,11 @@ class Heads(nn.Module):
 class STAR(nn.Module):
     """Encoder f, heads, and for the equivariant task psi: Linear(11, 128) and phi: MLP 256-512-512-128 (STAR.md §2)."""
 
-    def __init__(self, arch='resnet18', heads='star', n_experts=16, equivariant=True, sync=False):
+    def __init__(self, arch='resnet18', heads='star', n_experts=16, equivariant=True, bn=None):
+        """bn: the BatchNorm class of every layer (a synchronised one for multi-process runs); default: nn.BatchNorm*d."""
         super().__init__()
-        self.encoder, d = encoder(arch, sync)
-        bn = SyncBatchNorm if sync else nn.BatchNorm1d
+        self.encoder, d = encoder(arch, bn)
+        bn = bn or nn.BatchNorm1d
         self.heads = Heads(heads if equivariant else 'simclr', d, n_experts, bn)
         self.equivariant = equivariant
         if equivariant:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 import data
 from data import fail
 from losses import nt_xent
-from model import STAR
+from model import STAR, CPUSyncBatchNorm
 
 # Flags that fix the model: a checkpoint resumes only under the same values.
 MODEL_FLAGS = ('dataset', 'arch', 'heads', 'experts', 'image_size')
@@ -118,10 +118,21 @@ def main(argv=None):
         if args.batch_size % world:
             fail(f'--batch-size {args.batch_size} must be divisible by the {world} processes')
     torch.backends.cudnn.benchmark = True
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not os.access(args.out_dir, os.W_OK):
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        writable = os.access(args.out_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
         fail(f'cannot write to --out-dir {args.out_dir}; choose a writable folder')
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt:
+        old = {k: ckpt['args'][k] for k in MODEL_FLAGS} | {'equivariant': ckpt['args']['eq_weight'] > 0}
+        new = {k: vars(args)[k] for k in MODEL_FLAGS} | {'equivariant': args.eq_weight > 0}
+        if old != new:
+            diff = ', '.join(f'{k}: {old[k]} there, {new[k]} here' for k in old if old[k] != new[k])
+            fail(f'--resume: {ckpt_path} belongs to another model ({diff}); pass its flags or use a new --out-dir')
 
     if args.dataset == 'stl10':
         images, labels = data.stl10(args.data_dir, 'train+unlabeled', args.image_size)
@@ -137,18 +148,13 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     equivariant = args.eq_weight > 0
-    model = STAR(args.arch, args.heads, args.experts, equivariant, sync=world > 1).to(device)
+    bn = (torch.nn.SyncBatchNorm if device.type == 'cuda' else CPUSyncBatchNorm) if world > 1 else None
+    model = STAR(args.arch, args.heads, args.experts, equivariant, bn).to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
     start = 0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        old = {k: ckpt['args'][k] for k in MODEL_FLAGS} | {'equivariant': ckpt['args']['eq_weight'] > 0}
-        new = {k: vars(args)[k] for k in MODEL_FLAGS} | {'equivariant': equivariant}
-        if old != new:
-            diff = ', '.join(f'{k}: {old[k]} there, {new[k]} here' for k in old if old[k] != new[k])
-            fail(f'--resume: {ckpt_path} belongs to another model ({diff}); pass its flags or use a new --out-dir')
+    if ckpt:
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
         start = ckpt['epoch']
