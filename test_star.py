@@ -402,9 +402,10 @@ def test_two_process_gradients_equal_single_process(tmp_path):
     mp.spawn(ddp_worker, args=(2, free_port(), path), nprocs=2)
     terms, grads = torch.load(path)
     ref_terms, ref_grads = loss_and_grads(1, 0)
-    # float32 sums in another order, and batch moments as E[x^2] - E[x]^2: relative agreement to 1e-3; a gradient
-    # that is zero in exact arithmetic (psi's bias, in front of BatchNorm) is compared absolutely
+    # float32 sums in another order, and batch moments as E[x^2] - E[x]^2: each tensor agrees to 1e-5 of its largest
+    # gradient (seen: 2.4e-6 at most); 1e-7 absolute for psi's bias, whose gradient is zero in exact arithmetic
+    # (a bias in front of BatchNorm) and is float noise of ~1e-8 in both runs
     assert torch.allclose(terms, ref_terms, rtol=1e-5)
     for k, g in ref_grads.items():
-        assert torch.allclose(grads[k], g, rtol=1e-3, atol=1e-6), k
+        assert (grads[k] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-7, k
     assert sum(g.abs().sum() for g in ref_grads.values()) > 1  # real gradients
