@@ -198,7 +198,7 @@ def few_shot(f, y, k, n, device, queries=16, chunk=100):
     return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std().item() / math.sqrt(n)}
 
 
-def cca(x, y, ridge=1e-4):
+def cca(x, y, ridge=1e-6):
     """Mean canonical correlation between paired rows of x and y: singular values of Cxx^-1/2 Cxy Cyy^-1/2, with a
     ridge of `ridge` times the mean variance added to Cxx and Cyy for stability."""
     x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)

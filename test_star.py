@@ -409,3 +409,152 @@ def test_two_process_gradients_equal_single_process(tmp_path):
     for k, g in ref_grads.items():
         assert (grads[k] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-7, k
     assert sum(g.abs().sum() for g in ref_grads.values()) > 1  # real gradients
+
+
+# ---------------------------------------------------------------- evaluation
+
+import eval_linear as ev  # noqa: E402
+
+
+def blobs(n, d=8, classes=3, seed=0, shift=4.0):
+    """Gaussian classes, linearly separable by a wide margin along the first `classes` axes."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    return torch.randn(n, d, generator=g) + shift * one_hot(y, d), y
+
+
+def one_hot(y, d):
+    return torch.nn.functional.one_hot(y, d).float()
+
+
+def test_probe_separable_reaches_100_and_shuffled_labels_chance():
+    feats = {s: blobs(300, seed=i) for i, s in enumerate(['train', 'val', 'test'])}
+    assert ev.linear_probe(feats, 'synthetic', False, 'cpu')['accuracy'] > 0.99
+    shuffled = {s: (f, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(9))]) for s, (f, y) in feats.items()}
+    assert abs(ev.linear_probe(shuffled, 'synthetic', False, 'cpu')['accuracy'] - 1 / 3) < 0.1  # 3 classes, 300 test images
+
+
+def test_regularisation_is_chosen_on_validation_not_test():
+    # val follows train: weak regularisation wins there; test has its labels swapped: only w -> inf (a constant
+    # prediction) scores there. Selection on val must keep a small w and report the poor test accuracy.
+    xt, yt = blobs(200, classes=2, seed=0)
+    xv, yv = blobs(200, classes=2, seed=1)
+    xs, ys = blobs(200, classes=2, seed=2)
+    result = ev.linear_probe({'train': (xt, yt), 'val': (xv, yv), 'test': (xs, 1 - ys)}, 'synthetic', False, 'cpu')
+    assert result['w'] < 1 and result['val_accuracy'] > 0.99 and result['accuracy'] < 0.05
+
+
+def test_mean_per_class_accuracy():
+    pred, y = torch.tensor([0, 0, 0, 0, 1, 0]), torch.tensor([0, 0, 0, 0, 1, 1])
+    assert ev.accuracy(pred, y, False) == pytest.approx(5 / 6) and ev.accuracy(pred, y, True) == pytest.approx((1 + 0.5) / 2)
+
+
+def test_cca_identical_independent_and_linear_invariance():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5000, 6, generator=g), torch.randn(5000, 6, generator=g)
+    assert ev.cca(x, x) > 0.999
+    # independent: sample canonical correlations of n = 5000, p = q = 6 are of order sqrt(p / n) = 0.035
+    assert ev.cca(x, y) < 0.07
+    a = torch.randn(6, 6, generator=g) + 3 * torch.eye(6)  # invertible
+    mixed = y + 0.8 * x
+    assert abs(ev.cca(x @ a, mixed @ a.T + 5) - ev.cca(x, mixed)) < 1e-3 and ev.cca(x, mixed) > 0.5
+
+
+def test_few_shot_episodes_counts_and_disjoint_support_query():
+    labels = torch.arange(8).repeat_interleave(25)
+    support, query, ys, yq = ev.episodes(labels, n=50, k=5, queries=16)
+    assert support.shape == (50, 25) and query.shape == (50, 80)
+    assert ys.tolist() == [c for c in range(5) for _ in range(5)] and yq.bincount().tolist() == [16] * 5
+    for s, q in zip(support, query):
+        assert not set(s.tolist()) & set(q.tolist())
+        assert (labels[s].view(5, 5) == labels[s].view(5, 5)[:, :1]).all()  # each way is one class
+        assert torch.equal(labels[q].view(5, 16)[:, 0], labels[s].view(5, 5)[:, 0])
+        assert len(set(labels[s].tolist())) == 5
+    result = ev.few_shot(*blobs(400, d=16, classes=8, shift=6.0), k=1, n=40, device='cpu')
+    assert result['accuracy'] > 0.9 and 0 <= result['ci95'] < 0.05
+
+
+def test_official_checkpoint_layout_loads(tmp_path):
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18()
+    torch.save({'backbone': ref.state_dict(), 'epoch': 200}, tmp_path / 'official.pth')
+    net, size, norm = ev.load_encoder(str(tmp_path / 'official.pth'))
+    ref.fc = nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    assert size == 96 and norm == data.STL10_NORM and torch.equal(net.eval()(x), ref.eval()(x))
+    torch.save({'backbone': {'conv1.weight': torch.zeros(1)}}, tmp_path / 'other.pth')
+    with pytest.raises(SystemExit, match='holds no torchvision ResNet'):
+        ev.load_encoder(str(tmp_path / 'other.pth'))
+
+
+@pytest.fixture(scope='module')
+def trained(stl, tmp_path_factory):
+    root, _ = stl
+    out = str(tmp_path_factory.mktemp('trained'))
+    train.main(tiny_train_flags(root, out, '--epochs', '1', '--eval-interval', '0')[1:])
+    return os.path.join(out, 'ckpt.pt')
+
+
+def test_feature_cache_reused_and_invalidated(stl, trained, tmp_path, monkeypatch):
+    root, _ = stl
+    calls = []
+    encode = train.encode
+    monkeypatch.setattr(train, 'encode', lambda *a, **k: calls.append(1) or encode(*a, **k))
+    ckpt = str(tmp_path / 'ckpt.pt')
+    open(ckpt, 'wb').write(open(trained, 'rb').read())
+    args = ev.get_args(['--ckpt', ckpt, '--dataset', 'stl10', '--data-dir', root, '--cache-dir', str(tmp_path / 'cache'), '--device', 'cpu'])
+    net, size, norm = ev.load_encoder(ckpt)
+    first = ev.features(args, net, size, norm)
+    assert len(calls) == 2  # train and test
+    again = ev.features(args, net, size, norm)
+    assert len(calls) == 2 and torch.equal(first['test'][0], again['test'][0])
+    state = torch.load(ckpt, weights_only=True)
+    state['model']['encoder.conv1.weight'] += 0.1
+    torch.save(state, ckpt)
+    net, size, norm = ev.load_encoder(ckpt)
+    changed = ev.features(args, net, size, norm)
+    assert len(calls) == 4 and not torch.equal(changed['test'][0], first['test'][0])
+
+
+def test_eval_end_to_end_probe_few_shot_analysis_summary(stl, trained, tmp_path):
+    root, _ = stl
+    folder = tmp_path / 'shapes'
+    g = torch.Generator().manual_seed(0)
+    for split, n in [('train', 4), ('test', 18)]:
+        for c in range(5):
+            os.makedirs(folder / split / f'class{c}')
+            for i in range(n):
+                img = (torch.rand(3, 40, 40, generator=g) * 60 + 40 * c).to(torch.uint8)
+                TF.to_pil_image(img).save(folder / split / f'class{c}' / f'{i}.png')
+    common = ['--results', str(tmp_path / 'results.jsonl'), '--cache-dir', str(tmp_path / 'cache')]
+    for flags in [['--dataset', 'stl10', '--data-dir', root], ['--dataset', 'shapes', '--data-dir', str(folder)],
+                  ['--dataset', 'shapes', '--data-dir', str(folder), '--few-shot', '1', '--episodes', '20'],
+                  ['--dataset', 'stl10', '--data-dir', root, '--analyze']]:
+        proc = run('eval_linear.py', '--ckpt', trained, *flags, *common)
+        assert proc.returncode == 0, proc.stderr
+    results = read_log_file(tmp_path / 'results.jsonl')
+    assert [r['task'] for r in results] == ['linear', 'linear', '5-way 1-shot', 'analysis']
+    assert results[1]['accuracy'] > 0.9  # brightness separates the five classes
+    analysis = results[3]
+    assert analysis['gallery'] == 40 and 1 / 40 <= analysis['mrr'] <= 1 and analysis['hit1'] <= analysis['hit5']
+    assert 0 <= analysis['cca'] <= 1 and abs(sum(analysis['routing_eq']) - 1) < 1e-4
+    used = analysis['shared_experts'] + analysis['inv_experts'] + analysis['eq_experts']
+    assert len(used) == len(set(used)) and set(used) <= set(range(4))
+    table = run('eval_linear.py', '--summary', *common).stdout.splitlines()
+    assert table[0].split() == ['checkpoint', 'shapes', 'stl10', 'mean', 'avg', 'rank']
+    row = table[1].split()
+    assert row[0] == trained and float(row[3]) == pytest.approx((float(row[1]) + float(row[2])) / 2, abs=0.01)
+
+
+def read_log_file(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_missing_transfer_data_set_offline_one_line(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError('no network')
+    monkeypatch.setitem(ev.TORCHVISION, 'cifar10', (offline, ev.TORCHVISION['cifar10'][1]))
+    with pytest.raises(SystemExit) as e:
+        ev.load_split('cifar10', str(tmp_path), 'train', 96)
+    assert 'cifar10 (train) not found' in str(e.value) and '\n' not in str(e.value)
