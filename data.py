@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-STL10_NORM = ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))  # STAR.md §4.6
+STL10_NORM = ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))  # the STL-10 normalisation of the paper's recipe
 STL10_FILES = {'train': ['train'], 'test': ['test'], 'unlabeled': ['unlabeled'], 'train+unlabeled': ['train', 'unlabeled']}
 FIELDS = ['top', 'left', 'height', 'width', 'flip', 'brightness', 'contrast', 'saturation', 'hue', 'gray', 'sigma']
 IDENTITY = torch.tensor([1.0, 1.0, 1.0, 0.0])  # colour jitter factors when jitter is not applied
@@ -84,7 +84,7 @@ def normalize(x, norm):
 # ---- augmentations: sample the parameters of every view, then apply them (a pure function of images and parameters)
 
 def sample(n, size, g):
-    """Parameters (n x 11, fields FIELDS, STAR.md §4) and colour-jitter orders (n x 4) of n views of size x size images."""
+    """Parameters (n x 11, fields FIELDS) and colour-jitter orders (n x 4) of n views of size x size images."""
     area = size * size * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # RandomResizedCrop, 10 attempts
     ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
@@ -105,7 +105,7 @@ def sample(n, size, g):
 
 
 def param_stats(size, n=200_000):
-    """Mean and std of the parameter vector, estimated from the sampler itself with a fixed seed (STAR.md §4, ours)."""
+    """Mean and std of the parameter vector, estimated from the sampler itself with a fixed seed."""
     p, _ = sample(n, size, torch.Generator().manual_seed(0))
     return p.mean(0), p.std(0)
 
@@ -127,11 +127,11 @@ def grayscale(x):
 
 
 def blend(x, y, f):
-    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)
+    return torch.lerp(y, x, f.view(-1, 1, 1, 1)).clamp_(0, 1)  # f x + (1 - f) y
 
 
 def brightness(x, f):
-    return blend(x, torch.zeros_like(x), f)
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def contrast(x, f):
@@ -143,16 +143,15 @@ def saturation(x, f):
 
 
 def hue(x, f):
-    """Rotate the hue by f (a fraction of the colour wheel): RGB -> HSV, shift, HSV -> RGB."""
-    v, arg = x.max(1)
-    c = v - x.min(1).values
-    s = torch.where(v > 0, c / v.clamp_min(1e-12), 0)
-    r, g, b = ((v.unsqueeze(1) - x) / c.clamp_min(1e-12).unsqueeze(1)).unbind(1)  # distances to the max, in units of chroma
-    h6 = torch.where(arg == 0, b - g, torch.where(arg == 1, 2 + r - b, 4 + g - r))
-    h6 = torch.where(c > 0, h6, 0)
-    h6 = ((h6 / 6 + f.view(-1, 1, 1)) % 1) * 6
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6.unsqueeze(1)) % 6
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+    """Rotate the hue by f (a fraction of the colour wheel): RGB -> HSV, shift, HSV -> RGB. The shift keeps the
+    value v = max and the chroma c = max - min, so the new channel n is v - c * clamp(min(k, 4 - k), 0, 1)."""
+    v = x.amax(1)
+    c = v - x.amin(1)
+    r, g, b = ((v.unsqueeze(1) - x) / c.clamp_min(1e-12).unsqueeze(1)).unbind(1)  # distances to the max, in chromas
+    h6 = torch.where(r == 0, b - g, torch.where(g == 0, 2 + r - b, 4 + g - r))  # hue in [-1, 5), 6 a turn
+    h6 = (h6 + 6 * f.view(-1, 1, 1)).remainder_(6)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6.unsqueeze(1)).remainder_(6)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def gaussian_blur(x, sigma):
@@ -176,14 +175,16 @@ def augment(x, p, order):
     for step in range(4):
         for op, fn in enumerate(JITTER):  # only the samples whose factor moves them, so identity is exact
             x = apply_to(x, (order[:, step] == op) & (p[:, 5 + op] != IDENTITY[op]), fn, p[:, 5 + op])
-    x = torch.where(p[:, 9].view(-1, 1, 1, 1) > 0, grayscale(x).expand_as(x), x)
+    x = apply_to(x, p[:, 9] > 0, lambda y, _: grayscale(y).expand_as(y), p[:, 9])
     return apply_to(x, p[:, 10] > 0, gaussian_blur, p[:, 10])
 
 
 def apply_to(x, mask, fn, factor):
-    """x with fn(x, factor) in the rows where mask holds."""
+    """x, with fn(x, factor) written in place into the rows where mask holds."""
     i = torch.nonzero(mask).squeeze(1)
-    return x.index_copy(0, i, fn(x[i], factor[i])) if len(i) else x
+    if len(i):
+        x[i] = fn(x[i], factor[i])
+    return x
 
 
 def make_views(images, p, order, norm, stats):

@@ -1,4 +1,4 @@
-"""Transfer probing and analysis of a pretrained encoder (STAR.md §6).
+"""Transfer probing and analysis of a pretrained encoder (the paper's protocol, after AugSelf).
   linear probe:  python eval_linear.py --ckpt out/ckpt.pt --dataset cifar10
   few-shot:      python eval_linear.py --ckpt out/ckpt.pt --dataset cub200 --data-dir ~/data/cub200 --few-shot 5
   analysis:      python eval_linear.py --ckpt out/ckpt.pt --dataset stl10 --analyze
@@ -123,7 +123,7 @@ def hold_out(f, y, n, seed=0):
 
 
 def probe_splits(name, feats):
-    """(train, val, test) with the fixed splits of STAR.md §6 (STL-10 4500/500, CIFAR 45000/5000, Food-101 68175/7575,
+    """(train, val, test) with the fixed splits of the protocol (STL-10 4500/500, CIFAR 45000/5000, Food-101 68175/7575,
     Pets 2940/740, Cars 6494/1650, MIT-67 4690/670); (ours) 20% test where no split exists, 10% val by default."""
     if 'all' in feats:
         feats['train'], feats['test'] = hold_out(*feats['all'], len(feats['all'][1]) // 5)
@@ -160,7 +160,7 @@ def accuracy(pred, y, per_class):
 
 
 def linear_probe(feats, name, per_class, device):
-    """Choose w on val (warm-starting each fit from the last), refit on train + val, report test (STAR.md §6)."""
+    """Choose w on val (warm-starting each fit from the last), refit on train + val, report test (the paper's protocol, after AugSelf)."""
     (xt, yt), (xv, yv), (xs, ys) = (tuple(t.to(device) for t in s) for s in probe_splits(name, feats))
     n_classes, theta, scores = int(max(yt.max(), yv.max(), ys.max())) + 1, None, []
     for w in tqdm(WEIGHTS.tolist(), desc='choosing w on val', leave=False):
@@ -211,7 +211,7 @@ def cca(x, y, ridge=1e-6):
 
 @torch.no_grad()
 def analyze(args):
-    """Redundancy, equivariance and routing of a train.py checkpoint on held-out images (STAR.md §6)."""
+    """Redundancy, equivariance and routing of a train.py checkpoint on held-out images (the paper's protocol, after AugSelf)."""
     ckpt = train.load_checkpoint(args.ckpt)
     if 'args' not in ckpt or ckpt['args']['eq_weight'] == 0:
         fail(f'--analyze needs a train.py ckpt.pt with an equivariant head; {args.ckpt} is not one')

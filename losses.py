@@ -1,4 +1,4 @@
-"""NT-Xent (InfoNCE with cosine similarity), for the invariant and the equivariant objectives (STAR.md §2)."""
+"""NT-Xent (InfoNCE with cosine similarity), for the invariant and the equivariant objectives."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

@@ -4,7 +4,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
-EMBED = 128  # the embedding size of every head (STAR.md §2)
+EMBED = 128  # the embedding size of every head
 
 
 class AllReduce(torch.autograd.Function):
@@ -78,7 +78,7 @@ class Experts(nn.Module):
         return torch.einsum('bnd,nde->bne', y, self.w3) + self.b3
 
 
-# Fixed mixing of the experts for the baselines (STAR.md §3): rows are (invariant, equivariant) weights over experts.
+# Fixed mixing of the experts for the baselines: rows are (invariant, equivariant) weights over experts.
 FIXED = {'shared': [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],  # STAR-SS: E_inv + E_sh, E_eq + E_sh
          'separate': [[1.0, 0.0], [0.0, 1.0]],  # EquiMod: two independent heads
          'simclr': [[1.0]]}  # one invariant head, no equivariant task
@@ -110,7 +110,7 @@ class Heads(nn.Module):
 
 
 class STAR(nn.Module):
-    """Encoder f, heads, and for the equivariant task psi: Linear(11, 128) and phi: MLP 256-512-512-128 (STAR.md §2)."""
+    """Encoder f, heads, and for the equivariant task psi: Linear(11, 128) and phi: MLP 256-512-512-128."""
 
     def __init__(self, arch='resnet18', heads='star', n_experts=16, equivariant=True, bn=None):
         """bn: the BatchNorm class of every layer (a synchronised one for multi-process runs); default: nn.BatchNorm*d."""

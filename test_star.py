@@ -151,7 +151,7 @@ def test_parameter_standardisation():
     p, _ = data.sample(50000, 96, torch.Generator().manual_seed(7))  # another seed than the statistics'
     a = (p - mean) / std
     assert a.mean(0).abs().max() < 0.03 and (a.std(0) - 1).abs().max() < 0.03
-    # the values hard-coded in the paper's code for STL-10 (STAR.md §4) follow from the same sampler
+    # the values hard-coded in the paper's code for STL-10 follow from the same sampler
     paper_mean = torch.tensor([13.10, 13.15, 69.80, 69.73, 0.499, 1.002, 0.998, 1.000, -0.0001, 0.207, 0.536])
     paper_std = torch.tensor([11.50, 11.36, 14.59, 14.54, 0.500, 0.208, 0.205, 0.206, 0.052, 0.405, 0.658])
     assert ((mean - paper_mean).abs() <= 0.02 * paper_std + 0.2 * (paper_mean.abs() > 10)).all()

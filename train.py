@@ -1,4 +1,5 @@
-"""STAR pretraining (STAR.md §5): python train.py --dataset stl10; on G devices: torchrun --nproc_per_node=G train.py ..."""
+"""STAR pretraining. The paper's STL-10 recipe is the default: python train.py --dataset stl10
+On G devices (DDP, SyncBatchNorm, negatives from all processes): torchrun --nproc_per_node=G train.py ..."""
 import argparse
 import json
 import math
@@ -80,7 +81,7 @@ def knn_top1(train, train_y, test, test_y):
 
 
 def objective(net, images, p, order, norm, stats, tau, equivariant):
-    """L_inv and L_eq of one batch (STAR.md §2), and the routing weights of the views."""
+    """L_inv and L_eq of one batch, and the routing weights of the views."""
     x0, v1, v2, a1, a2 = data.make_views(images, p, order, norm, stats)
     if images.is_cuda:
         x0, v1, v2 = (x.contiguous(memory_format=torch.channels_last) for x in (x0, v1, v2))

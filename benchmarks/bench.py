@@ -1,0 +1,93 @@
+"""Speed figures of the training step, printed side by side from one run on this machine:
+  (a) STAR step time / SimCLR step time, same batch and encoder (target <= 1.55; floor 1.5: 3 encoder passes vs 2)
+  (b) batched augmentation images/s over a per-image torchvision PIL pipeline making the same two views (target >= 10x)
+  (c) the heads' (experts, routers, psi, phi, losses) share of a STAR step (target <= 5% at 96 px)
+python benchmarks/bench.py [--batch-size 64] [--device cpu] [--repeats 3]"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torchvision.transforms as T
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import data  # noqa: E402
+import train  # noqa: E402
+from losses import nt_xent  # noqa: E402
+from model import STAR  # noqa: E402
+
+
+def timed(fn, device, repeats):
+    """Median seconds of fn() over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--image-size', type=int, default=96)
+    p.add_argument('--experts', type=int, default=16)
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = p.parse_args()
+    device, b, s = torch.device(args.device), args.batch_size, args.image_size
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)
+    stats = data.param_stats(s)
+    params, order = (t.view(2, b, -1) for t in data.sample(2 * b, s, torch.Generator().manual_seed(0)))
+
+    def step_fn(model, equivariant):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            l_inv, l_eq, _ = train.objective(model, images.to(device), params, order, data.STL10_NORM, stats, 0.2, equivariant)
+            opt.zero_grad()
+            (l_inv + l_eq).backward()
+            opt.step()
+        return step
+
+    torch.manual_seed(0)
+    star = STAR('resnet18', 'star', args.experts).to(device)
+    simclr = STAR('resnet18', 'star', args.experts, equivariant=False).to(device)
+    if device.type == 'cuda':
+        star, simclr = star.to(memory_format=torch.channels_last), simclr.to(memory_format=torch.channels_last)
+    t_star, t_simclr = timed(step_fn(star, True), device, args.repeats), timed(step_fn(simclr, False), device, args.repeats)
+
+    # the heads alone: the same work on fixed encoder features of the three inputs
+    h = [torch.randn(b, 512, device=device) for _ in range(3)]
+    a = [torch.randn(b, 11, device=device) for _ in range(2)]
+
+    def heads_step():
+        with train.autocast(device):
+            (z1, _), (z2, _), (z0, _) = (star.heads(x) for x in h)
+            z_hat = torch.cat([star.predict(z0[1], a[0]), star.predict(z0[1], a[1])])
+        (nt_xent(z1[0], z2[0]) + nt_xent(torch.cat([z1[1], z2[1]]), z_hat)).backward()
+    t_heads = timed(heads_step, device, args.repeats)
+
+    pil = T.Compose([T.RandomResizedCrop(s, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
+                     T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+                     T.RandomApply([T.GaussianBlur(int(0.1 * s) // 2 * 2 + 1, (0.1, 2.0))], p=0.5),
+                     T.ToTensor(), T.Normalize(*data.STL10_NORM)])
+    pil_images = [T.functional.to_pil_image(x) for x in images]
+    t_pil = timed(lambda: [torch.stack([pil(x) for x in pil_images]) for _ in range(2)], device, args.repeats)
+    t_batched = timed(lambda: data.make_views(images.to(device), *(t.view(2, b, -1) for t in data.sample(2 * b, s, torch.Generator())),
+                                              data.STL10_NORM, stats), device, args.repeats)
+
+    print(f'device {device}, batch {b}, {s} px, ResNet-18, {args.experts} experts, median of {args.repeats}')
+    print(f'(a) step time  STAR {t_star:.3f} s  SimCLR {t_simclr:.3f} s  ratio {t_star / t_simclr:.2f}  (target <= 1.55)')
+    print(f'(b) two views  batched {2 * b / t_batched:.0f} img/s  PIL {2 * b / t_pil:.0f} img/s  speed-up {t_pil / t_batched:.1f}x  (target >= 10x)')
+    print(f'(c) heads      {t_heads:.3f} s of a {t_star:.3f} s STAR step  share {100 * t_heads / t_star:.1f}%  (target <= 5%)')
+
+
+if __name__ == '__main__':
+    main()
