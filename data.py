@@ -1,7 +1,9 @@
 """Data sets as uint8 tensors, batched augmentations that return their parameters, pairing x0 <-> views."""
+import functools
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -55,19 +57,30 @@ def image_folder(root, size):
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files = [(os.path.join(d, f), c) for c, sub in enumerate(classes or ['.']) for d, _, fs in sorted(os.walk(os.path.join(root, sub)))
              for f in sorted(fs) if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'))]
-    images, labels, bad = [], [], 0
-    for path, c in tqdm(files, desc=f'loading {root}', leave=False):
-        try:
-            with Image.open(path) as img:
-                images.append(fit(TF.pil_to_tensor(img.convert('RGB')), size))
-            labels.append(c)
-        except OSError:
-            bad += 1
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+        loaded = list(tqdm(pool.map(functools.partial(load_image, size=size), [f for f, _ in files]), total=len(files),
+                           desc=f'loading {root}', leave=False))
+    images = [x for x in loaded if x is not None]
+    labels = [c for x, (_, c) in zip(loaded, files) if x is not None]
+    bad = len(files) - len(images)
     if bad:
         print(f'skipped {bad} unreadable image files in {root}', file=sys.stderr)
     if not images:
         fail(f'no readable images (.jpg, .png, ...) in {root}')
     return torch.stack(images), torch.tensor(labels), classes
+
+
+def pil_to_uint8(img, size):
+    return fit(TF.pil_to_tensor(img.convert('RGB')), size)
+
+
+def load_image(path, size):
+    """An image file as uint8 3 x size x size, or None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return pil_to_uint8(img, size)
+    except OSError:
+        return None
 
 
 def channel_stats(images):

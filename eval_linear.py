@@ -13,7 +13,6 @@ import os
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as D
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import data
@@ -78,10 +77,6 @@ def load_encoder(path, image_size=None):
     return net, image_size or size, norm
 
 
-def to_uint8(image, size):
-    return data.fit(TF.pil_to_tensor(image.convert('RGB')), size)
-
-
 def load_split(name, root, split, size):
     """uint8 images (N x 3 x size x size), resized (bicubic) and centre-cropped, and labels of one official split."""
     if name == 'stl10':
@@ -91,7 +86,7 @@ def load_split(name, root, split, size):
         return x, y
     cls, kwargs = TORCHVISION[name]
     try:
-        ds = cls(root, **kwargs[split], transform=functools.partial(to_uint8, size=size), download=True)
+        ds = cls(root, **kwargs.get(split, kwargs.get('all')), transform=functools.partial(data.pil_to_uint8, size=size), download=True)
     except Exception as e:
         fail(f'{name} ({split}) not found in {root} and the download failed ({type(e).__name__}); '
              f'place the files where torchvision.datasets.{cls.__name__}(root="{root}") expects them')
@@ -103,7 +98,7 @@ def load_split(name, root, split, size):
 def features(args, net, size, norm):
     """{split: (features, labels)} of the official splits, encoded once and cached under the checkpoint's hash."""
     with open(args.ckpt, 'rb') as f:
-        key = hashlib.sha256(f.read()).hexdigest()[:16]
+        key = hashlib.file_digest(f, 'sha256').hexdigest()[:16]
     splits = ['train', 'test'] if args.dataset == 'stl10' or args.dataset not in TORCHVISION else list(TORCHVISION[args.dataset][1])
     out = {}
     for split in splits:

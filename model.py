@@ -71,8 +71,8 @@ class Experts(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, h):  # h: B x d, or B x N x d (one input per expert) -> B x N x out
-        y = torch.einsum('bd,nde->bne' if h.dim() == 2 else 'bnd,nde->bne', h, self.w1)
+    def forward(self, h):  # B x d -> B x N x out
+        y = torch.einsum('bd,nde->bne', h, self.w1)
         y = self.bn1(y.flatten(1)).relu().view(y.shape)
         y = self.bn2(torch.einsum('bnd,nde->bne', y, self.w2).flatten(1)).relu().view(y.shape)
         return torch.einsum('bnd,nde->bne', y, self.w3) + self.b3

@@ -126,7 +126,7 @@ def main(argv=None):
         writable = False
     if not writable:
         fail(f'cannot write to --out-dir {args.out_dir}; choose a writable folder')
-    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if ckpt:
         old = {k: ckpt['args'][k] for k in MODEL_FLAGS} | {'equivariant': ckpt['args']['eq_weight'] > 0}
@@ -159,6 +159,11 @@ def main(argv=None):
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
         start = ckpt['epoch']
+        if rank == 0 and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
+            with open(log_path) as f:
+                lines = [line for line in f if json.loads(line)['epoch'] <= start]
+            with open(log_path, 'w') as f:
+                f.writelines(lines)
     net = DistributedDataParallel(model) if world > 1 else model
 
     for epoch in range(start, args.epochs):
@@ -199,11 +204,11 @@ def main(argv=None):
             log['knn_top1'] = knn_top1(encode(model.encoder, images[train], norm, device), labels[train],
                                        encode(model.encoder, test_images, norm, device), test_labels)
             print(f'epoch {epoch + 1}: 1-NN accuracy {100 * log["knn_top1"]:.2f}%')
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(log) + '\n')
+        save(model.encoder.state_dict(), os.path.join(args.out_dir, 'encoder.pt'))
         save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch + 1, 'args': vars(args),
               'norm': norm}, ckpt_path)
-        save(model.encoder.state_dict(), os.path.join(args.out_dir, 'encoder.pt'))
-        with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(log) + '\n')
     if world > 1:
         dist.destroy_process_group()
 
