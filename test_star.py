@@ -303,7 +303,7 @@ def test_train_end_to_end_and_kill_resume_equals_uninterrupted(stl, tmp_path):
 
     proc = subprocess.Popen([sys.executable, *tiny_train_flags(root, killed, '--epochs', '3')], cwd=HERE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not os.path.exists(os.path.join(killed, 'log.jsonl')) and proc.poll() is None:
+    while not os.path.exists(os.path.join(killed, 'ckpt.pt')) and proc.poll() is None:  # epoch 1 is saved
         time.sleep(0.02)
     time.sleep(0.5)  # into epoch 2
     proc.send_signal(signal.SIGKILL)
