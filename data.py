@@ -51,12 +51,13 @@ def stl10(root, split, size=96):
 
 
 def image_folder(root, size):
-    """Every image below `root`, resized once to size x size; labels index the first-level sub-folders (0 if none)."""
+    """Every image below `root`, resized once to size x size; labels index the first-level sub-folders (-1 outside)."""
     if not os.path.isdir(root):
         fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files = [(os.path.join(d, f), c) for c, sub in enumerate(classes or ['.']) for d, _, fs in sorted(os.walk(os.path.join(root, sub)))
-             for f in sorted(fs) if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'))]
+    rel = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                 if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')))
+    classes = sorted({r.split(os.sep)[0] for r in rel if os.sep in r})
+    files = [(os.path.join(root, r), classes.index(r.split(os.sep)[0]) if os.sep in r else -1) for r in rel]
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
         loaded = list(tqdm(pool.map(functools.partial(load_image, size=size), [f for f, _ in files]), total=len(files),
                            desc=f'loading {root}', leave=False))

@@ -604,3 +604,21 @@ def test_torchrun_two_processes_trains_like_one(stl, tmp_path):
     worst = max((a[k] - b[k]).abs().max() for k in a if a[k].is_floating_point())
     assert worst < 1e-4 * moved, (moved, worst)  # seen: 1.3e-5 of 3.2; BN statistics and weights of 5 steps on the same global batches
     assert [e['epoch'] for e in read_log(two)] == [1]
+
+
+def test_pretraining_on_an_image_folder(tmp_path):
+    """--dataset folder: images of any size, resized once; the checkpoint keeps the folder's own normalisation."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(20):
+        img = (torch.rand(3, 40 + i, 50, generator=g) * 255).to(torch.uint8)
+        TF.to_pil_image(img).save(tmp_path / f'{i}.png')
+    out = str(tmp_path / 'run')
+    proc = run('train.py', '--dataset', 'folder', '--data-dir', str(tmp_path), '--out-dir', out, '--epochs', '1',
+               '--batch-size', '8', '--experts', '2', '--image-size', '32')
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    images, _, _ = data.image_folder(str(tmp_path), 32)
+    assert torch.allclose(torch.tensor(ckpt['norm']), torch.tensor(data.channel_stats(images)))
+    assert abs(ckpt['norm'][0][0] - 0.5) < 0.02  # uniform noise; resizing smooths it, so its std is below 1/sqrt(12)
+    log = read_log(out)
+    assert len(log) == 1 and 'knn_top1' not in log[0]  # no labelled splits, no monitor

@@ -53,9 +53,13 @@ def get_args(argv=None):
         fail('--image-size must be at least 32: the ResNet encoder downsamples by 32')
     if args.eq_weight < 0 or args.epochs < 1:
         fail('--eq-weight must be >= 0 and --epochs >= 1')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        fail(f'--device {args.device}: CUDA is not available here; use --device cpu')
+    check_device(args.device)
     return args
+
+
+def check_device(name):
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        fail(f'--device {name}: CUDA is not available here; use --device cpu')
 
 
 def autocast(device):
