@@ -241,7 +241,7 @@ def test_shift_predictor_is_residual_and_simclr_does_no_equivariant_work():
     assert len(calls) == 2 and 'z_eq' not in out
 
 
-def test_encoder_export_loads_into_torchvision(tmp_path):
+def test_encoder_export_loads_into_torchvision():
     model = STAR('resnet18', 'separate')
     missing, unexpected = torchvision.models.resnet18().load_state_dict(model.encoder.state_dict(), strict=False)
     assert sorted(missing) == ['fc.bias', 'fc.weight'] and not unexpected
