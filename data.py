@@ -13,8 +13,10 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 STL10_NORM = ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))  # the STL-10 normalisation of the paper's recipe
-STL10_FILES = {'train': ['train'], 'test': ['test'], 'unlabeled': ['unlabeled'], 'train+unlabeled': ['train', 'unlabeled']}
+STL10_FILES = {'train': ['train'], 'test': ['test'], 'unlabeled': ['unlabeled'],
+               'train+unlabeled': ['train', 'unlabeled']}
 FIELDS = ['top', 'left', 'height', 'width', 'flip', 'brightness', 'contrast', 'saturation', 'hue', 'gray', 'sigma']
+COL = {f: i for i, f in enumerate(FIELDS)}  # the column of each field in a parameter vector
 IDENTITY = torch.tensor([1.0, 1.0, 1.0, 0.0])  # colour jitter factors when jitter is not applied
 
 
@@ -23,7 +25,7 @@ def fail(msg):
     sys.exit(f'error: {msg}')
 
 
-def fit(images, size):
+def resize_crop(images, size):
     """Resize the shorter side to `size` (bicubic, antialiased) and centre-crop to size x size; uint8 in, uint8 out."""
     if images.shape[-2:] != (size, size):
         images = TF.center_crop(TF.resize(images, size, TF.InterpolationMode.BICUBIC, antialias=True), size)
@@ -33,20 +35,23 @@ def fit(images, size):
 def stl10(root, split, size=96):
     """STL-10 from `root/stl10_binary/*.bin` as (uint8 N x 3 x size x size, int64 labels; -1 when unlabelled)."""
     folder = os.path.join(root, 'stl10_binary')
-    names = [f'{part}_X.bin' for part in STL10_FILES[split]] + [f'{p}_y.bin' for p in STL10_FILES[split] if p != 'unlabeled']
+    parts = STL10_FILES[split]
+    names = [f'{part}_X.bin' for part in parts] + [f'{part}_y.bin' for part in parts if part != 'unlabeled']
     if not all(os.path.exists(os.path.join(folder, n)) for n in names):
         try:  # torchvision fetches and extracts the archive when the machine is online
             torchvision.datasets.STL10(root, split='train', download=True)
         except Exception as e:
-            fail(f'STL-10 not found in {folder} (expected {", ".join(names)}) and the download failed ({type(e).__name__}); '
-                 f'extract stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ into {root}')
+            fail(f'STL-10 not found in {folder} (expected {", ".join(names)}) and the download failed '
+                 f'({type(e).__name__}); extract stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ '
+                 f'into {root}')
     images, labels = [], []
-    for part in STL10_FILES[split]:
-        x = torch.from_file(os.path.join(folder, f'{part}_X.bin'), size=os.path.getsize(os.path.join(folder, f'{part}_X.bin')), dtype=torch.uint8)
-        images.append(fit(x.view(-1, 3, 96, 96).transpose(2, 3), size))  # the files store each channel column-major
-        y_path = os.path.join(folder, f'{part}_y.bin')
-        n = images[-1].shape[0]
-        labels.append(torch.from_file(y_path, size=n, dtype=torch.uint8).long() - 1 if part != 'unlabeled' else torch.full((n,), -1))
+    for part in parts:
+        x_path, y_path = (os.path.join(folder, f'{part}_{xy}.bin') for xy in 'Xy')
+        x = torch.from_file(x_path, size=os.path.getsize(x_path), dtype=torch.uint8)
+        images.append(resize_crop(x.view(-1, 3, 96, 96).transpose(2, 3), size))  # each channel stored column-major
+        n = len(images[-1])
+        y = torch.full((n,), -1) if part == 'unlabeled' else torch.from_file(y_path, size=n, dtype=torch.uint8) - 1
+        labels.append(y.long())
     return torch.cat(images), torch.cat(labels)
 
 
@@ -59,8 +64,8 @@ def image_folder(root, size):
     classes = sorted({r.split(os.sep)[0] for r in rel if os.sep in r})
     files = [(os.path.join(root, r), classes.index(r.split(os.sep)[0]) if os.sep in r else -1) for r in rel]
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        loaded = list(tqdm(pool.map(functools.partial(load_image, size=size), [f for f, _ in files]), total=len(files),
-                           desc=f'loading {root}', leave=False))
+        loaded = pool.map(functools.partial(load_image, size=size), [f for f, _ in files])
+        loaded = list(tqdm(loaded, total=len(files), desc=f'loading {root}', leave=False))
     images = [x for x in loaded if x is not None]
     labels = [c for x, (_, c) in zip(loaded, files) if x is not None]
     bad = len(files) - len(images)
@@ -72,7 +77,7 @@ def image_folder(root, size):
 
 
 def pil_to_uint8(img, size):
-    return fit(TF.pil_to_tensor(img.convert('RGB')), size)
+    return resize_crop(TF.pil_to_tensor(img.convert('RGB')), size)
 
 
 def load_image(path, size):
@@ -110,8 +115,8 @@ def sample(n, size, g):
     left = (torch.rand(n, generator=g) * (size - w + 1)).floor()
     flip = (torch.rand(n, generator=g) < 0.5).float()
     jitter = torch.rand(n, 1, generator=g) < 0.8
-    factors = torch.cat([torch.empty(n, 3).uniform_(0.6, 1.4, generator=g), torch.empty(n, 1).uniform_(-0.1, 0.1, generator=g)], 1)
-    factors = torch.where(jitter, factors, IDENTITY)
+    bcs, hue = torch.empty(n, 3).uniform_(0.6, 1.4, generator=g), torch.empty(n, 1).uniform_(-0.1, 0.1, generator=g)
+    factors = torch.where(jitter, torch.cat([bcs, hue], 1), IDENTITY)
     gray = (torch.rand(n, generator=g) < 0.2).float()
     sigma = torch.where(torch.rand(n, generator=g) < 0.5, torch.empty(n).uniform_(0.1, 2.0, generator=g), 0.0)
     order = torch.rand(n, 4, generator=g).argsort(1)
@@ -169,7 +174,7 @@ def hue(x, f):
 
 
 def gaussian_blur(x, sigma):
-    """Per-sample Gaussian blur, kernel about a tenth of the image side (9 at 96 px, 23 at 224 px), reflected borders."""
+    """Per-sample Gaussian blur, kernel a tenth of the image side (9 at 96 px, 23 at 224 px), reflected borders."""
     k = int(0.1 * x.shape[-1]) // 2 * 2 + 1
     t = torch.arange(k, device=x.device) - (k - 1) / 2
     kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
@@ -183,7 +188,7 @@ def gaussian_blur(x, sigma):
     return x
 
 
-JITTER = [brightness, contrast, saturation, hue]
+JITTER = [brightness, contrast, saturation, hue]  # the jitter order indexes this list; factors in FIELDS 5..8
 
 
 def augment(x, p, order):
@@ -191,9 +196,10 @@ def augment(x, p, order):
     x = crop_flip(x, p)
     for step in range(4):
         for op, fn in enumerate(JITTER):  # only the samples whose factor moves them, so identity is exact
-            x = apply_to(x, (order[:, step] == op) & (p[:, 5 + op] != IDENTITY[op]), fn, p[:, 5 + op])
-    x = apply_to(x, p[:, 9] > 0, lambda y, _: grayscale(y).expand_as(y), p[:, 9])
-    return apply_to(x, p[:, 10] > 0, gaussian_blur, p[:, 10])
+            f = p[:, COL[fn.__name__]]
+            x = apply_to(x, (order[:, step] == op) & (f != IDENTITY[op]), fn, f)
+    x = apply_to(x, p[:, COL['gray']] > 0, lambda y, _: grayscale(y).expand_as(y), p[:, COL['gray']])
+    return apply_to(x, p[:, COL['sigma']] > 0, gaussian_blur, p[:, COL['sigma']])
 
 
 def apply_to(x, mask, fn, factor):

@@ -40,19 +40,26 @@ WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validati
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', help="train.py's ckpt.pt, its encoder.pt, or an official STAR/AugSelf checkpoint ({'backbone': ...})")
+    p.add_argument('--ckpt', help="train.py's ckpt.pt, its encoder.pt, or an official STAR/AugSelf checkpoint "
+                                  "({'backbone': ...})")
     p.add_argument('--dataset', help=f'stl10, {", ".join(TORCHVISION)}; any other name is an image folder '
                                      '(--data-dir with train/ and test/ sub-folders of class folders, e.g. mit67)')
-    p.add_argument('--data-dir', default='data', help='torchvision root of the data set (downloads there when online), or the image folder (default: %(default)s)')
-    p.add_argument('--metric', choices=['top1', 'mean-per-class'], help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
-    p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes on the test split instead of the linear probe')
+    p.add_argument('--data-dir', default='data', help='torchvision root of the data set (downloads there when '
+                                                      'online), or the image folder (default: %(default)s)')
+    p.add_argument('--metric', choices=['top1', 'mean-per-class'],
+                   help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
+    p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
     p.add_argument('--episodes', type=int, default=2000, help='few-shot episodes (default: %(default)s)')
-    p.add_argument('--analyze', action='store_true', help='redundancy (CCA), equivariance and routing of a train.py ckpt.pt, on the test split')
+    p.add_argument('--analyze', action='store_true',
+                   help='redundancy (CCA), equivariance and routing of a train.py ckpt.pt, on the test split')
     p.add_argument('--summary', action='store_true', help='print the table of linear-probe results in --results')
-    p.add_argument('--results', default='results.jsonl', help='every run appends one JSON line here (default: %(default)s)')
-    p.add_argument('--cache-dir', default='.cache/features', help='encoder features per (checkpoint, data set, split) (default: %(default)s)')
+    p.add_argument('--results', default='results.jsonl',
+                   help='every run appends a JSON line here (default: %(default)s)')
+    p.add_argument('--cache-dir', default='.cache/features',
+                   help='encoder features per (checkpoint, data set, split) (default: %(default)s)')
     p.add_argument('--image-size', type=int, help='input size for encoders without train.py arguments (default: 96)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N (default: %(default)s)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu, cuda or cuda:N (default: %(default)s)')
     args = p.parse_args(argv)
     train.check_device(args.device)
     if not args.summary and not (args.ckpt and args.dataset):
@@ -74,7 +81,8 @@ def load_encoder(path, image_size=None):
     try:
         net.load_state_dict(state)
     except RuntimeError:
-        fail(f'{path} holds no torchvision ResNet-18/50 encoder (expected train.py output or {{"backbone": state_dict}})')
+        fail(f'{path} holds no torchvision ResNet-18/50 encoder '
+             f'(expected train.py output or {{"backbone": state_dict}})')
     return net, image_size or size, norm
 
 
@@ -87,7 +95,8 @@ def load_split(name, root, split, size):
         return x, y
     cls, kwargs = TORCHVISION[name]
     try:
-        ds = cls(root, **kwargs.get(split, kwargs.get('all')), transform=functools.partial(data.pil_to_uint8, size=size), download=True)
+        transform = functools.partial(data.pil_to_uint8, size=size)
+        ds = cls(root, **kwargs.get(split, kwargs.get('all')), transform=transform, download=True)
     except Exception as e:
         fail(f'{name} ({split}) not found in {root} and the download failed ({type(e).__name__}); '
              f'place the files where torchvision.datasets.{cls.__name__}(root="{root}") expects them')
@@ -100,7 +109,7 @@ def features(args, net, size, norm):
     """{split: (features, labels)} of the official splits, encoded once and cached under the checkpoint's hash."""
     with open(args.ckpt, 'rb') as f:
         key = hashlib.file_digest(f, 'sha256').hexdigest()[:16]
-    splits = ['train', 'test'] if args.dataset == 'stl10' or args.dataset not in TORCHVISION else list(TORCHVISION[args.dataset][1])
+    splits = list(TORCHVISION[args.dataset][1]) if args.dataset in TORCHVISION else ['train', 'test']
     out = {}
     for split in splits:
         path = os.path.join(args.cache_dir, f'{args.dataset}-{split}-{size}-{key}.pt')
@@ -119,8 +128,8 @@ def hold_out(f, y, n, seed=0):
 
 
 def probe_splits(name, feats):
-    """(train, val, test) with the fixed splits of the protocol (STL-10 4500/500, CIFAR 45000/5000, Food-101 68175/7575,
-    Pets 2940/740, Cars 6494/1650, MIT-67 4690/670); (ours) 20% test where no split exists, 10% val by default."""
+    """(train, val, test) with the fixed splits of the protocol (STL-10 4500/500, CIFAR 45000/5000, Food-101
+    68175/7575, Pets 2940/740, Cars 6494/1650, MIT-67 4690/670); (ours) 20% test where no split exists, else 10% val."""
     if 'all' in feats:
         feats['train'], feats['test'] = hold_out(*feats['all'], len(feats['all'][1]) // 5)
     if 'val' not in feats:
@@ -129,23 +138,25 @@ def probe_splits(name, feats):
     return feats['train'], feats['val'], feats['test']
 
 
-def fit(x, y, n_classes, w, init=None):
+def logistic_regression(x, y, n_classes, w, init=None):
     """Multinomial logistic regression with bias on x (E x n x d: E independent problems), minimising
     summed cross-entropy + w ||weights||^2 with full-batch L-BFGS (strong Wolfe). Returns E x (d+1) x C."""
     x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
     theta = (init.clone() if init is not None else x.new_zeros(x.shape[0], x.shape[-1], n_classes)).requires_grad_()
-    opt = torch.optim.LBFGS([theta], max_iter=5000, tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn='strong_wolfe')
+    opt = torch.optim.LBFGS([theta], max_iter=5000, tolerance_grad=1e-6, tolerance_change=1e-9,
+                            line_search_fn='strong_wolfe')
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy((x @ theta).flatten(0, 1), y.flatten(), reduction='sum') + w * theta[:, :-1].pow(2).sum()
+        loss = F.cross_entropy((x @ theta).flatten(0, 1), y.flatten(), reduction='sum')
+        loss = loss + w * theta[:, :-1].pow(2).sum()
         loss.backward()
         return loss
     opt.step(closure)
     return theta.detach()
 
 
-def predict(theta, x):
+def classify(theta, x):
     return (torch.cat([x, torch.ones_like(x[..., :1])], -1) @ theta).argmax(-1)
 
 
@@ -156,15 +167,15 @@ def accuracy(pred, y, per_class):
 
 
 def linear_probe(feats, name, per_class, device):
-    """Choose w on val (warm-starting each fit from the last), refit on train + val, report test (the paper's protocol, after AugSelf)."""
+    """Choose w on val (each fit warm-started from the last), refit on train + val, report test (after AugSelf)."""
     (xt, yt), (xv, yv), (xs, ys) = (tuple(t.to(device) for t in s) for s in probe_splits(name, feats))
     n_classes, theta, scores = int(max(yt.max(), yv.max(), ys.max())) + 1, None, []
     for w in tqdm(WEIGHTS.tolist(), desc='choosing w on val', leave=False):
-        theta = fit(xt[None], yt[None], n_classes, w, theta)
-        scores.append((accuracy(predict(theta[0], xv), yv, per_class), w, theta))
+        theta = logistic_regression(xt[None], yt[None], n_classes, w, theta)
+        scores.append((accuracy(classify(theta[0], xv), yv, per_class), w, theta))
     best, w, theta = max(scores, key=lambda s: s[0])
-    theta = fit(torch.cat([xt, xv])[None], torch.cat([yt, yv])[None], n_classes, w, theta)
-    return {'accuracy': accuracy(predict(theta[0], xs), ys, per_class), 'val_accuracy': best, 'w': w}
+    theta = logistic_regression(torch.cat([xt, xv])[None], torch.cat([yt, yv])[None], n_classes, w, theta)
+    return {'accuracy': accuracy(classify(theta[0], xs), ys, per_class), 'val_accuracy': best, 'w': w}
 
 
 def episodes(labels, n, k, queries, ways=5, seed=0):
@@ -173,13 +184,17 @@ def episodes(labels, n, k, queries, ways=5, seed=0):
     by_class = [torch.nonzero(labels == c).squeeze(1) for c in labels.unique()]
     by_class = [i for i in by_class if len(i) >= k + queries]
     if len(by_class) < ways:
-        fail(f'{ways}-way {k}-shot needs {ways} classes with {k + queries} test images each; this data set has {len(by_class)}')
+        fail(f'{ways}-way {k}-shot needs {ways} classes with {k + queries} test images each; '
+             f'this data set has {len(by_class)}')
     support, query = [], []
     for _ in range(n):
-        picked = [by_class[c][torch.randperm(len(by_class[c]), generator=g)[:k + queries]] for c in torch.randperm(len(by_class), generator=g)[:ways]]
+        picked = []
+        for c in torch.randperm(len(by_class), generator=g)[:ways]:
+            picked.append(by_class[c][torch.randperm(len(by_class[c]), generator=g)[:k + queries]])
         support.append(torch.cat([i[:k] for i in picked]))
         query.append(torch.cat([i[k:] for i in picked]))
-    return torch.stack(support), torch.stack(query), torch.arange(ways).repeat_interleave(k), torch.arange(ways).repeat_interleave(queries)
+    way = torch.arange(ways)
+    return torch.stack(support), torch.stack(query), way.repeat_interleave(k), way.repeat_interleave(queries)
 
 
 def few_shot(f, y, k, n, device, queries=16, chunk=100):
@@ -188,8 +203,8 @@ def few_shot(f, y, k, n, device, queries=16, chunk=100):
     support, query, ys, yq = episodes(y, n, k, queries)
     f, acc = f.to(device), []
     for s, q in zip(support.split(chunk), query.split(chunk)):
-        theta = fit(f[s], ys.expand(len(s), -1).to(device), 5, 0.5)
-        acc.append((predict(theta, f[q]) == yq.to(device)).float().mean(1).cpu())
+        theta = logistic_regression(f[s], ys.expand(len(s), -1).to(device), 5, 0.5)
+        acc.append((classify(theta, f[q]) == yq.to(device)).float().mean(1).cpu())
     acc = torch.cat(acc)
     return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std().item() / math.sqrt(n)}
 
@@ -205,11 +220,28 @@ def cca(x, y, ridge=1e-6):
     return torch.linalg.svdvals(inv_sqrt(x.T @ x) @ (x.T @ y) @ inv_sqrt(y.T @ y)).mean().item()
 
 
+def reciprocal_ranks(queries, gallery, true):
+    """1 / rank of gallery row true[i] among all gallery rows by cosine similarity to query i (ties rank low)."""
+    queries, gallery = F.normalize(queries, dim=1), F.normalize(gallery, dim=1)
+    ranks = []
+    for q, t in zip(queries.split(1024), true.split(1024)):
+        sim = q @ gallery.T
+        ranks.append((sim > sim.gather(1, t[:, None])).sum(1) + 1)
+    return 1 / torch.cat(ranks).float()
+
+
+def expert_roles(s_inv, s_eq):
+    """Experts that both routers weight at least uniformly (shared), and those only one router does."""
+    inv, eq = s_inv >= 1 / len(s_inv), s_eq >= 1 / len(s_eq)
+    return {name: torch.nonzero(m).flatten().tolist()
+            for name, m in [('shared_experts', inv & eq), ('inv_experts', inv & ~eq), ('eq_experts', ~inv & eq)]}
+
+
 @torch.no_grad()
 def analyze(args):
-    """Redundancy, equivariance and routing of a train.py checkpoint on held-out images (the paper's protocol, after AugSelf)."""
+    """Redundancy, equivariance and routing of a train.py checkpoint on held-out images."""
     ckpt = train.load_checkpoint(args.ckpt)
-    if 'args' not in ckpt or ckpt['args']['eq_weight'] == 0:
+    if 'args' not in ckpt or ckpt['args']['heads'] == 'simclr':
         fail(f'--analyze needs a train.py ckpt.pt with an equivariant head; {args.ckpt} is not one')
     a, device = ckpt['args'], torch.device(args.device)
     model = STAR(a['arch'], a['heads'], a['experts'])
@@ -217,27 +249,25 @@ def analyze(args):
     model.to(device).eval()
     images, _ = load_split(args.dataset, args.data_dir, 'test', a['image_size'])
     stats, g = data.param_stats(a['image_size']), torch.Generator().manual_seed(0)
-    out = {k: [] for k in ['z_inv', 'z_eq', 'w_inv', 'w_eq', 'z_hat', 'target']}
+    parts = {k: [] for k in ['z_inv', 'z_eq', 's_inv', 's_eq', 'z_hat', 'target']}
     for x in tqdm(images.split(256), desc='analysing', leave=False):
         p, order = (t.view(2, len(x), -1) for t in data.sample(2 * len(x), a['image_size'], g))
-        x0, v1, v2, a1, a2 = data.make_views(x.to(device), p, order, ckpt['norm'], stats)
-        (z_inv, z_eq), (w_inv, w_eq) = model.heads(model.encoder(x0))
-        targets = [model.heads(model.encoder(v))[0][1] for v in (v1, v2)]
-        for key, v in zip(out, [z_inv, z_eq, w_inv, w_eq, torch.cat([model.predict(z_eq, a1), model.predict(z_eq, a2)]), torch.cat(targets)]):
-            out[key].append(v.float().cpu())
-    out = {k: torch.cat(v) for k, v in out.items()}
-    gallery, z_hat = F.normalize(out['target'], dim=1), F.normalize(out['z_hat'], dim=1)
-    rank = torch.cat([((q @ gallery.T) > (q * t).sum(1, keepdim=True)).sum(1) + 1
-                      for q, t in zip(z_hat.split(1024), gallery.split(1024))]).float()
-    use_inv, use_eq = out['w_inv'].mean(0), out['w_eq'].mean(0)
-    uniform = 1 / len(use_inv)
-    return {'cca': cca(out['z_inv'], out['z_eq']), 'mrr': (1 / rank).mean().item(), 'hit1': (rank <= 1).float().mean().item(),
-            'hit5': (rank <= 5).float().mean().item(), 'gallery': len(gallery),
-            'rel_error': ((out['z_hat'] - out['target']).norm(dim=1) / out['target'].norm(dim=1)).mean().item(),
-            'routing_inv': use_inv.tolist(), 'routing_eq': use_eq.tolist(),
-            'shared_experts': torch.nonzero((use_inv >= uniform) & (use_eq >= uniform)).flatten().tolist(),
-            'inv_experts': torch.nonzero((use_inv >= uniform) & (use_eq < uniform)).flatten().tolist(),
-            'eq_experts': torch.nonzero((use_inv < uniform) & (use_eq >= uniform)).flatten().tolist()}
+        views = data.make_views(x.to(device), p, order, ckpt['norm'], stats)
+        original, out = model.embed(views[0]), model(*views)
+        for k in ['z_inv', 'z_eq', 's_inv', 's_eq']:
+            parts[k].append(original[k].float().cpu())
+        parts['z_hat'].append(torch.cat(out['z_hat']).float().cpu())
+        parts['target'].append(torch.cat(out['z_eq']).float().cpu())
+    r = {k: torch.cat(v) for k, v in parts.items()}
+    # each batch's predictions are [view 1; view 2] in the order of its targets
+    mrr = reciprocal_ranks(r['z_hat'], r['target'], torch.arange(len(r['target'])))
+    rank = 1 / mrr
+    s_inv, s_eq = r['s_inv'].mean(0), r['s_eq'].mean(0)
+    rel_error = (r['z_hat'] - r['target']).norm(dim=1) / r['target'].norm(dim=1)
+    return {'cca': cca(r['z_inv'], r['z_eq']), 'mrr': mrr.mean().item(), 'hit1': (rank <= 1).float().mean().item(),
+            'hit5': (rank <= 5).float().mean().item(), 'gallery': len(r['target']),
+            'rel_error': rel_error.mean().item(), 'routing_inv': s_inv.tolist(), 'routing_eq': s_eq.tolist(),
+            **expert_roles(s_inv, s_eq)}
 
 
 def summary(path):
@@ -275,10 +305,12 @@ def main(argv=None):
         feats = features(args, net, size, norm)
         if args.few_shot:
             f, y = feats['test'] if 'test' in feats else feats['all']
-            result = {'task': f'5-way {args.few_shot}-shot', **few_shot(f, y, args.few_shot, args.episodes, args.device)}
+            result = {'task': f'5-way {args.few_shot}-shot',
+                      **few_shot(f, y, args.few_shot, args.episodes, args.device)}
         else:
             metric = args.metric or ('mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1')
-            result = {'task': 'linear', 'metric': metric, **linear_probe(feats, args.dataset, metric == 'mean-per-class', args.device)}
+            per_class = metric == 'mean-per-class'
+            result = {'task': 'linear', 'metric': metric, **linear_probe(feats, args.dataset, per_class, args.device)}
     result = {'ckpt': args.ckpt, 'dataset': args.dataset, **result}
     print(json.dumps(result))
     with open(args.results, 'a') as f:

@@ -1,9 +1,22 @@
-"""NT-Xent (InfoNCE with cosine similarity), for the invariant and the equivariant objectives."""
+"""NT-Xent (InfoNCE with cosine similarity) for the invariant and the equivariant objectives, with the negatives of
+every process in multi-process runs."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import AllReduce
+
+class AllReduce(torch.autograd.Function):
+    """Sum over processes, with gradient: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.forward(ctx, grad)
 
 
 def gather(x):
@@ -18,7 +31,7 @@ def gather(x):
 def nt_xent(a, b, tau=0.2):
     """Row m of `a` and row m of `b` are positives; every other row of a and b (from all processes) is a negative.
     Mean over this process's 2M anchors; averaged over processes it is the loss of the global batch.
-      L_inv = nt_xent(z_inv(v1), z_inv(v2))          the SimCLR loss
+      L_inv = nt_xent(z_inv(v1), z_inv(v2))                     the SimCLR loss
       L_eq  = nt_xent([z_eq(v1); z_eq(v2)], [z_hat1; z_hat2])   the other view of an image is a negative too"""
     a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
     m, rank = len(a), dist.get_rank() if dist.is_initialized() else 0

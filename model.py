@@ -1,51 +1,14 @@
-"""Encoder, experts, soft task-aware routers, head variants, parameter projector psi and shift predictor phi."""
+"""The method's modules: encoder f, experts E_k, soft task-aware routers, head variants, psi and phi."""
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
 EMBED = 128  # the embedding size of every head
-
-
-class AllReduce(torch.autograd.Function):
-    """Sum over processes, with gradient: the gradient of a sum is the sum of the gradients."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduce.forward(ctx, grad)
-
-
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """torch's SyncBatchNorm for CPU processes (gloo), which torch's own refuses: batch moments summed over all
-    processes with gradient, so BN sees the global batch. On GPUs train.py uses nn.SyncBatchNorm."""
-
-    def _check_input_dim(self, x):
-        pass
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized()):
-            return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        moments = AllReduce.apply(torch.stack([x.sum(dims), (x * x).sum(dims)])) / n
-        mean, var = moments[0], moments[1] - moments[0] ** 2
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+N_PARAMS = 11  # the augmentation parameter vector a (data.FIELDS)
 
 
 def encoder(arch, bn=None):
-    """torchvision ResNet with zero-initialised residual branches and fc = identity; returns (module, feature size d)."""
+    """torchvision ResNet, zero-initialised residual branches, fc = identity; returns (module, feature size d)."""
     net = getattr(torchvision.models, arch)(zero_init_residual=True, norm_layer=bn or nn.BatchNorm2d)
     d = net.fc.in_features
     net.fc = nn.Identity()
@@ -53,8 +16,8 @@ def encoder(arch, bn=None):
 
 
 class Experts(nn.Module):
-    """N experts Linear(d,d,no bias)-BN-ReLU-Linear(d,d,no bias)-BN-ReLU-Linear(d,out), run as one batched computation:
-    weights stacked over experts, one einsum per layer, BatchNorm over N*d channels (so per expert and channel)."""
+    """N experts Linear(d,d,no bias)-BN-ReLU-Linear(d,d,no bias)-BN-ReLU-Linear(d,out), run as one batched
+    computation: weights stacked over experts, one einsum per layer, BatchNorm over N*d channels (per expert)."""
 
     def __init__(self, n, d, out=EMBED, hidden=None, bn=nn.BatchNorm1d):
         super().__init__()
@@ -85,7 +48,7 @@ FIXED = {'shared': [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],  # STAR-SS: E_inv + E_sh,
 
 
 class Heads(nn.Module):
-    """The experts and how each task mixes them: soft task-aware routers for `star`, fixed weights for the baselines."""
+    """The experts and how each task mixes them: soft task-aware routers for `star`, fixed weights otherwise."""
 
     def __init__(self, variant, d, n_experts=16, bn=nn.BatchNorm1d):
         super().__init__()
@@ -98,41 +61,50 @@ class Heads(nn.Module):
         self.experts = Experts(n_experts, d, bn=bn)
 
     def routing(self, h):
-        """Each task's weights over the experts (B x N each): softmax(R_inv(h)), softmax(R_eq(h)) for `star` (eq. routers)."""
+        """Routing weights s over the experts (B x N each): s_inv = softmax(R_inv(h)), s_eq = softmax(R_eq(h))."""
         if self.variant == 'star':
             return [self.router_inv(h).softmax(1), self.router_eq(h).softmax(1)]
         return [m.expand(len(h), -1) for m in self.mix]
 
     def forward(self, h):
-        """[z_inv, z_eq] (only z_inv for simclr) and their routing weights: z_task = sum_k w_task,k E_k(h) (eq. MMoE)."""
-        weights, e = self.routing(h), self.experts(h)
-        return [torch.einsum('bn,bnk->bk', w, e) for w in weights], weights
+        """z_inv, z_eq (only z_inv for simclr) and the routing weights s: z_task = sum_k s_task,k E_k(h) (MMoE)."""
+        e, out = self.experts(h), {}
+        for task, s in zip(['inv', 'eq'], self.routing(h)):
+            out[f'z_{task}'], out[f's_{task}'] = torch.einsum('bn,bnk->bk', s, e), s
+        return out
 
 
 class STAR(nn.Module):
     """Encoder f, heads, and for the equivariant task psi: Linear(11, 128) and phi: MLP 256-512-512-128."""
 
-    def __init__(self, arch='resnet18', heads='star', n_experts=16, equivariant=True, bn=None):
-        """bn: the BatchNorm class of every layer (a synchronised one for multi-process runs); default: nn.BatchNorm*d."""
+    def __init__(self, arch='resnet18', heads='star', n_experts=16, bn=None):
+        """heads: star, shared, separate or simclr (no equivariant task); bn: the BatchNorm class of every layer
+        (synchronised in multi-process runs), default nn.BatchNorm*d."""
         super().__init__()
         self.encoder, d = encoder(arch, bn)
         bn = bn or nn.BatchNorm1d
-        self.heads = Heads(heads if equivariant else 'simclr', d, n_experts, bn)
-        self.equivariant = equivariant
-        if equivariant:
-            self.psi = nn.Linear(11, EMBED)
+        self.heads = Heads(heads, d, n_experts, bn)
+        self.equivariant = heads != 'simclr'
+        if self.equivariant:
+            self.psi = nn.Linear(N_PARAMS, EMBED)
             self.phi = Experts(1, 2 * EMBED, EMBED, hidden=512, bn=bn)  # an expert-shaped MLP with 512 hidden units
 
-    def predict(self, z0, a):
-        """eq. shift predictor: z_hat = z0 + phi([z0; psi(a)])."""
+    def shift(self, z0, a):
+        """Shift predictor: z_hat = z0 + phi([z0; psi(a)])."""
         return z0 + self.phi(torch.cat([z0, self.psi(a)], 1))[:, 0]
 
-    def forward(self, v1, v2, x0=None, a1=None, a2=None):
-        """Embeddings of one step: three encoder calls (x0 only for the equivariant task), each its own BN batch."""
-        (z1, w1), (z2, w2) = self.heads(self.encoder(v1)), self.heads(self.encoder(v2))
-        out = {'z_inv': (z1[0], z2[0]), 'routing': [torch.cat(w) for w in zip(w1, w2)]}
+    def embed(self, x):
+        return self.heads(self.encoder(x))
+
+    def forward(self, x0, v1, v2, a1, a2):
+        """One step's embeddings, named after the paper; pairs are (view 1, view 2). Three encoder calls, each its own
+        BatchNorm batch; x0 is not encoded without the equivariant task.
+          z_inv: z_inv(v1), z_inv(v2)        s_inv, s_eq: routing weights of the views (2B x N)
+          z0 = z_eq(x0);  z_eq: z_eq(v1), z_eq(v2);  z_hat: shift(z0, a1), shift(z0, a2)"""
+        e1, e2 = self.embed(v1), self.embed(v2)
+        out = {'z_inv': (e1['z_inv'], e2['z_inv'])}
+        out |= {s: torch.cat([e1[s], e2[s]]) for s in ('s_inv', 's_eq') if s in e1}
         if self.equivariant:
-            (_, z0), _ = self.heads(self.encoder(x0))
-            out['z_eq'] = torch.cat([z1[1], z2[1]])
-            out['z_hat'] = torch.cat([self.predict(z0, a1), self.predict(z0, a2)])
+            z0 = self.embed(x0)['z_eq']
+            out |= {'z0': z0, 'z_eq': (e1['z_eq'], e2['z_eq']), 'z_hat': (self.shift(z0, a1), self.shift(z0, a2))}
         return out

@@ -17,9 +17,11 @@ import torchvision
 from torchvision.transforms.v2 import functional as TF
 
 import data
+import eval_linear as ev
 import train
 from losses import nt_xent
-from model import STAR, CPUSyncBatchNorm, Experts, Heads
+from model import STAR, Experts, Heads
+from train import CPUSyncBatchNorm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,16 +78,26 @@ def test_stl10_missing_offline_names_layout(tmp_path, monkeypatch, capsys):
     assert 'stl10_binary' in str(e.value) and 'train_X.bin' in str(e.value) and '\n' not in str(e.value)
 
 
-def test_image_folder_labels_and_unreadable_files(tmp_path, capsys):
+def write_cats_and_dogs(root):
+    """Two class folders of flat-coloured PNGs of several sizes, and one unreadable file."""
     for c, color in [('cat', 10), ('dog', 200)]:
-        os.makedirs(tmp_path / c)
+        os.makedirs(root / c)
         for i in range(3):
             img = torch.full((3, 40 + 10 * i, 60), color, dtype=torch.uint8)
-            TF.to_pil_image(img).save(tmp_path / c / f'{i}.png')
-    (tmp_path / 'dog' / 'broken.jpg').write_bytes(b'not an image')
+            TF.to_pil_image(img).save(root / c / f'{i}.png')
+    (root / 'dog' / 'broken.jpg').write_bytes(b'not an image')
+
+
+def test_image_folder_labels_follow_class_folders(tmp_path):
+    write_cats_and_dogs(tmp_path)
     x, y, classes = data.image_folder(str(tmp_path), 32)
     assert classes == ['cat', 'dog'] and y.tolist() == [0, 0, 0, 1, 1, 1]
     assert x.shape == (6, 3, 32, 32) and (x[:3] == 10).all() and (x[3:] == 200).all()
+
+
+def test_image_folder_skips_unreadable_files(tmp_path, capsys):
+    write_cats_and_dogs(tmp_path)
+    data.image_folder(str(tmp_path), 32)
     assert 'skipped 1 unreadable' in capsys.readouterr().err
     os.makedirs(tmp_path / 'empty')
     with pytest.raises(SystemExit, match='no readable images'):
@@ -158,7 +170,7 @@ def test_parameter_standardisation():
     assert ((std - paper_std).abs() / paper_std < 0.03).all()
 
 
-def test_make_views_pairs_original_and_views():
+def test_make_views_pairs_each_original_with_its_views():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     p, order = data.sample(8, 32, torch.Generator().manual_seed(0))
     p, order = p.view(2, 4, -1), order.view(2, 4, -1)
@@ -202,43 +214,74 @@ def test_batched_experts_equal_independent_mlps():
         assert out.shape == (16, 4, 128) and torch.allclose(out, ref, atol=1e-5)
 
 
-def test_routers_weights_and_uniform_router_gives_expert_mean():
+def test_each_router_gives_a_distribution_over_experts():
+    torch.manual_seed(0)
+    heads = Heads('star', 32, n_experts=5)
+    weights = heads.routing(torch.randn(8, 32))
+    assert all(torch.allclose(w.sum(1), torch.ones(8)) and (w > 0).all() for w in weights)
+    assert not torch.allclose(weights[0], weights[1])  # two routers, one per task
+
+
+def test_uniform_router_averages_the_experts():
     torch.manual_seed(0)
     heads = Heads('star', 32, n_experts=5)
     h = torch.randn(8, 32)
-    weights = heads.routing(h)
-    assert all(torch.allclose(w.sum(1), torch.ones(8)) and (w > 0).all() for w in weights)
-    assert not torch.allclose(weights[0], weights[1])  # two routers, one per task
     nn.init.zeros_(heads.router_inv.weight), nn.init.zeros_(heads.router_inv.bias)
-    (z_inv, z_eq), _ = heads(h)
-    assert torch.allclose(z_inv, heads.experts(h).mean(1), atol=1e-6)
+    assert torch.allclose(heads(h)['z_inv'], heads.experts(h).mean(1), atol=1e-6)
 
 
 def test_fixed_heads_mix_experts_as_the_paper():
     torch.manual_seed(0)
     h = torch.randn(8, 32)
     shared = Heads('shared', 32)
-    e = shared.experts(h)
-    (z_inv, z_eq), _ = shared(h)
-    assert torch.allclose(z_inv, e[:, 0] + e[:, 2], atol=1e-6) and torch.allclose(z_eq, e[:, 1] + e[:, 2], atol=1e-6)
+    e, z = shared.experts(h), shared(h)
+    assert torch.allclose(z['z_inv'], e[:, 0] + e[:, 2], atol=1e-6)
+    assert torch.allclose(z['z_eq'], e[:, 1] + e[:, 2], atol=1e-6)
     separate = Heads('separate', 32)
-    e = separate.experts(h)
-    (z_inv, z_eq), _ = separate(h)
-    assert torch.equal(z_inv, e[:, 0]) and torch.equal(z_eq, e[:, 1])
+    e, z = separate.experts(h), separate(h)
+    assert torch.equal(z['z_inv'], e[:, 0]) and torch.equal(z['z_eq'], e[:, 1])
 
 
-def test_shift_predictor_is_residual_and_simclr_does_no_equivariant_work():
+def test_shift_predictor_is_residual():
     torch.manual_seed(0)
     model = STAR('resnet18', 'star', 4)
     nn.init.zeros_(model.phi.w3), nn.init.zeros_(model.phi.b3)
     z0, a = torch.randn(6, 128), torch.randn(6, 11)
-    assert torch.equal(model.predict(z0, a), z0)  # z_hat = z0 + phi([z0; psi(a)]) with phi = 0
-    simclr = STAR('resnet18', 'star', 4, equivariant=False)
+    assert torch.equal(model.shift(z0, a), z0)  # z_hat = z0 + phi([z0; psi(a)]) with phi = 0
+
+
+def test_forward_wires_the_paper():
+    """z_hat_i = z0 + phi([z0; psi(a_i)]) with z0 = z_eq(f(x0)); targets z_eq(f(v_i)); z_task = sum_k s_task,k E_k."""
+    torch.manual_seed(0)
+    model = STAR('resnet18', 'star', 3).eval()
+    x0, v1, v2 = (torch.randn(4, 3, 32, 32) for _ in range(3))
+    a1, a2 = torch.randn(4, 11), torch.randn(4, 11)
+    out = model(x0, v1, v2, a1, a2)
+    h0, h1, h2 = (model.encoder(x) for x in (x0, v1, v2))
+    e0, e1 = model.heads.experts(h0), model.heads.experts(h1)
+    s_eq0 = model.heads.router_eq(h0).softmax(1)
+    z0 = (s_eq0[:, :, None] * e0).sum(1)
+    assert torch.allclose(out['z0'], z0, atol=1e-5)
+    phi = model.phi
+    for z_hat, a in zip(out['z_hat'], (a1, a2)):
+        y = torch.cat([z0, model.psi(a)], 1)
+        y = phi.bn1(y @ phi.w1[0]).relu()
+        y = phi.bn2(y @ phi.w2[0]).relu()
+        assert torch.allclose(z_hat, z0 + y @ phi.w3[0] + phi.b3[0], atol=1e-5)
+    s_inv1, s_eq1 = model.heads.router_inv(h1).softmax(1), model.heads.router_eq(h1).softmax(1)
+    assert torch.allclose(out['z_inv'][0], (s_inv1[:, :, None] * e1).sum(1), atol=1e-5)
+    assert torch.allclose(out['z_eq'][0], (s_eq1[:, :, None] * e1).sum(1), atol=1e-5)
+    assert torch.allclose(out['z_eq'][1], model.embed(v2)['z_eq'], atol=1e-5)
+    assert torch.allclose(out['s_inv'][:4], s_inv1) and torch.allclose(out['s_eq'][4:], model.heads(h2)['s_eq'])
+
+
+def test_simclr_does_no_equivariant_work():
+    simclr = STAR('resnet18', 'simclr')
     assert not hasattr(simclr, 'psi') and not hasattr(simclr, 'phi') and simclr.heads.experts.n == 1
     calls = []
     simclr.encoder.register_forward_hook(lambda *a: calls.append(1))
-    out = simclr(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
-    assert len(calls) == 2 and 'z_eq' not in out
+    out = simclr(None, torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), None, None)
+    assert len(calls) == 2 and 'z_eq' not in out and 'z_hat' not in out
 
 
 def test_encoder_export_loads_into_torchvision():
@@ -286,21 +329,41 @@ def test_equivariant_loss_treats_other_view_as_negative():
 
 # ---------------------------------------------------------------- training
 
-def read_log(out):
-    with open(os.path.join(out, 'log.jsonl')) as f:
+def read_jsonl(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
 
 
-def test_train_end_to_end_and_kill_resume_equals_uninterrupted(stl, tmp_path):
+def read_log(out):
+    return read_jsonl(os.path.join(out, 'log.jsonl'))
+
+
+@pytest.fixture(scope='module')
+def full_run(stl, tmp_path_factory):
+    """A three-epoch run of train.py as a user starts it."""
     root, _ = stl
-    full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
+    full = str(tmp_path_factory.mktemp('full'))
     done = run(*tiny_train_flags(root, full, '--epochs', '3'))
     assert done.returncode == 0, done.stderr
-    log = read_log(full)
+    return full
+
+
+def test_training_logs_every_epoch(full_run):
+    log = read_log(full_run)
     assert [e['epoch'] for e in log] == [1, 2, 3] and log[-1]['lr'] < log[0]['lr']
     assert all(abs(sum(e['routing']['inv']) - 1) < 1e-4 and len(e['routing']['eq']) == 4 for e in log)
     assert all(0 <= e['knn_top1'] <= 1 and e['loss_inv'] > 0 and e['loss_eq'] > 0 for e in log)
 
+
+def test_encoder_export_of_a_run_loads_into_torchvision(full_run):
+    encoder = torchvision.models.resnet18()
+    encoder.fc = nn.Identity()
+    encoder.load_state_dict(torch.load(os.path.join(full_run, 'encoder.pt'), weights_only=True))
+
+
+def test_killed_run_resumed_equals_uninterrupted_run(stl, full_run, tmp_path):
+    root, _ = stl
+    full, killed = full_run, str(tmp_path / 'killed')
     proc = subprocess.Popen([sys.executable, *tiny_train_flags(root, killed, '--epochs', '3')], cwd=HERE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not os.path.exists(os.path.join(killed, 'ckpt.pt')) and proc.poll() is None:  # epoch 1 is saved
@@ -315,9 +378,6 @@ def test_train_end_to_end_and_kill_resume_equals_uninterrupted(stl, tmp_path):
     assert a['epoch'] == b['epoch'] == 3
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert [e['epoch'] for e in read_log(killed)] == [1, 2, 3]
-    encoder = torchvision.models.resnet18()
-    encoder.fc = nn.Identity()
-    encoder.load_state_dict(torch.load(os.path.join(full, 'encoder.pt'), weights_only=True))
 
 
 def test_non_finite_loss_stops_before_saving(stl, tmp_path):
@@ -334,6 +394,7 @@ def test_non_finite_loss_stops_before_saving(stl, tmp_path):
     (['--batch-size', '1'], '--batch-size must be at least 2'),
     (['--experts', '1'], '--experts must be at least 2'),
     (['--image-size', '16'], '--image-size must be at least 32'),
+    (['--heads', 'shared', '--experts', '8'], '--heads shared has fixed experts'),
     (['--dataset', 'folder', '--data-dir', '/nonexistent/images'], 'does not exist'),
     (['--out-dir', os.path.abspath(__file__) + '/out'], 'cannot write to --out-dir'),
     (['--resume', '--out-dir', '{tmp}/fresh'], 'no checkpoint at'),
@@ -345,12 +406,20 @@ def test_bad_input_ends_with_one_clear_line(stl, tmp_path, flags, message):
     assert proc.stderr.strip().count('\n') == 0, proc.stderr  # one line, no traceback
 
 
-def test_resume_refuses_other_model_and_corrupt_checkpoint(stl, tmp_path):
+def test_resume_refuses_another_model(stl, tmp_path):
     root, _ = stl
     out = str(tmp_path / 'run')
     assert run(*tiny_train_flags(root, out, '--epochs', '1', '--eval-interval', '0')).returncode == 0
-    other = run(*tiny_train_flags(root, out, '--epochs', '2', '--resume', '--heads', 'separate'))
+    separate = [f for f in tiny_train_flags(root, out, '--epochs', '2', '--resume', '--heads', 'separate')]
+    separate[separate.index('--experts'):separate.index('--experts') + 2] = []  # fixed heads take no --experts
+    other = run(*separate)
     assert other.returncode == 1 and 'heads: star there, separate here' in other.stderr
+
+
+def test_resume_refuses_a_corrupt_checkpoint(stl, tmp_path):
+    root, _ = stl
+    out = str(tmp_path / 'run')
+    assert run(*tiny_train_flags(root, out, '--epochs', '1', '--eval-interval', '0')).returncode == 0
     with open(os.path.join(out, 'ckpt.pt'), 'r+b') as f:
         f.truncate(1000)
     corrupt = run(*tiny_train_flags(root, out, '--epochs', '2', '--resume'))
@@ -380,7 +449,7 @@ def loss_and_grads(world, rank):
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     b = len(images) // world
     part = slice(rank * b, (rank + 1) * b)
-    l_inv, l_eq, _ = train.objective(net, images[part], p[:, part], order[:, part], data.STL10_NORM, stats, 0.2, True)
+    l_inv, l_eq, _ = train.objective(net, images[part], p[:, part], order[:, part], data.STL10_NORM, stats, 0.2)
     (l_inv + l_eq).backward()
     terms = torch.stack([l_inv, l_eq]).detach()
     if world > 1:
@@ -413,9 +482,6 @@ def test_two_process_gradients_equal_single_process(tmp_path):
 
 # ---------------------------------------------------------------- evaluation
 
-import eval_linear as ev  # noqa: E402
-
-
 def blobs(n, d=8, classes=3, seed=0, shift=4.0):
     """Gaussian classes, linearly separable by a wide margin along the first `classes` axes."""
     g = torch.Generator().manual_seed(seed)
@@ -427,9 +493,16 @@ def one_hot(y, d):
     return torch.nn.functional.one_hot(y, d).float()
 
 
-def test_probe_separable_reaches_100_and_shuffled_labels_chance():
-    feats = {s: blobs(300, seed=i) for i, s in enumerate(['train', 'val', 'test'])}
-    assert ev.linear_probe(feats, 'synthetic', False, 'cpu')['accuracy'] > 0.99
+def three_splits_of_blobs():
+    return {s: blobs(300, seed=i) for i, s in enumerate(['train', 'val', 'test'])}
+
+
+def test_probe_on_separable_classes_is_exact():
+    assert ev.linear_probe(three_splits_of_blobs(), 'synthetic', False, 'cpu')['accuracy'] > 0.99
+
+
+def test_probe_on_shuffled_labels_is_at_chance():
+    feats = three_splits_of_blobs()
     shuffled = {s: (f, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(9))]) for s, (f, y) in feats.items()}
     assert abs(ev.linear_probe(shuffled, 'synthetic', False, 'cpu')['accuracy'] - 1 / 3) < 0.1  # 3 classes, 300 test images
 
@@ -449,18 +522,23 @@ def test_mean_per_class_accuracy():
     assert ev.accuracy(pred, y, False) == pytest.approx(5 / 6) and ev.accuracy(pred, y, True) == pytest.approx((1 + 0.5) / 2)
 
 
-def test_cca_identical_independent_and_linear_invariance():
+def test_cca_separates_identical_from_independent_embeddings():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(5000, 6, generator=g), torch.randn(5000, 6, generator=g)
     assert ev.cca(x, x) > 0.999
     # independent: sample canonical correlations of n = 5000, p = q = 6 are of order sqrt(p / n) = 0.035
     assert ev.cca(x, y) < 0.07
+
+
+def test_cca_is_invariant_to_invertible_linear_maps():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5000, 6, generator=g), torch.randn(5000, 6, generator=g)
     a = torch.randn(6, 6, generator=g) + 3 * torch.eye(6)  # invertible
     mixed = y + 0.8 * x
     assert abs(ev.cca(x @ a, mixed @ a.T + 5) - ev.cca(x, mixed)) < 1e-3 and ev.cca(x, mixed) > 0.5
 
 
-def test_few_shot_episodes_counts_and_disjoint_support_query():
+def test_episodes_keep_support_disjoint_from_query():
     labels = torch.arange(8).repeat_interleave(25)
     support, query, ys, yq = ev.episodes(labels, n=50, k=5, queries=16)
     assert support.shape == (50, 25) and query.shape == (50, 80)
@@ -470,6 +548,9 @@ def test_few_shot_episodes_counts_and_disjoint_support_query():
         assert (labels[s].view(5, 5) == labels[s].view(5, 5)[:, :1]).all()  # each way is one class
         assert torch.equal(labels[q].view(5, 16)[:, 0], labels[s].view(5, 5)[:, 0])
         assert len(set(labels[s].tolist())) == 5
+
+
+def test_few_shot_on_separable_classes_is_near_exact():
     result = ev.few_shot(*blobs(400, d=16, classes=8, shift=6.0), k=1, n=40, device='cpu')
     assert result['accuracy'] > 0.9 and 0 <= result['ci95'] < 0.05
 
@@ -495,7 +576,7 @@ def trained(stl, tmp_path_factory):
     return os.path.join(out, 'ckpt.pt')
 
 
-def test_feature_cache_reused_and_invalidated(stl, trained, tmp_path, monkeypatch):
+def test_feature_cache_follows_the_checkpoint(stl, trained, tmp_path, monkeypatch):
     root, _ = stl
     calls = []
     encode = train.encode
@@ -516,7 +597,7 @@ def test_feature_cache_reused_and_invalidated(stl, trained, tmp_path, monkeypatc
     assert len(calls) == 4 and not torch.equal(changed['test'][0], first['test'][0])
 
 
-def test_eval_end_to_end_probe_few_shot_analysis_summary(stl, trained, tmp_path):
+def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     root, _ = stl
     folder = tmp_path / 'shapes'
     g = torch.Generator().manual_seed(0)
@@ -532,7 +613,7 @@ def test_eval_end_to_end_probe_few_shot_analysis_summary(stl, trained, tmp_path)
                   ['--dataset', 'stl10', '--data-dir', root, '--analyze']]:
         proc = run('eval_linear.py', '--ckpt', trained, *flags, *common)
         assert proc.returncode == 0, proc.stderr
-    results = read_log_file(tmp_path / 'results.jsonl')
+    results = read_jsonl(tmp_path / 'results.jsonl')
     assert [r['task'] for r in results] == ['linear', 'linear', '5-way 1-shot', 'analysis']
     assert results[1]['accuracy'] > 0.9  # brightness separates the five classes
     analysis = results[3]
@@ -544,11 +625,6 @@ def test_eval_end_to_end_probe_few_shot_analysis_summary(stl, trained, tmp_path)
     assert table[0].split() == ['checkpoint', 'shapes', 'stl10', 'mean', 'avg', 'rank']
     row = table[1].split()
     assert row[0] == trained and float(row[3]) == pytest.approx((float(row[1]) + float(row[2])) / 2, abs=0.01)
-
-
-def read_log_file(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_missing_transfer_data_set_offline_one_line(tmp_path, monkeypatch):
@@ -581,7 +657,7 @@ def test_torchvision_layout_probe_uses_official_splits(trained, tmp_path):
     assert sorted(f.split('-')[1] for f in os.listdir(cache)) == ['test', 'train', 'val']
     feats = {f.split('-')[1]: torch.load(cache / f, weights_only=True) for f in os.listdir(cache)}
     assert [len(feats[s][1]) for s in ['train', 'val', 'test']] == [18, 9, 12]
-    result = read_log_file(tmp_path / 'r.jsonl')[0]
+    result = read_jsonl(tmp_path / 'r.jsonl')[0]
     assert result['metric'] == 'top1' and result['accuracy'] == 1.0  # brightness separates the three classes
 
 

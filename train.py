@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 import data
 from data import fail
-from losses import nt_xent
-from model import STAR, CPUSyncBatchNorm
+from losses import AllReduce, nt_xent
+from model import STAR
 
 # Flags that fix the model: a checkpoint resumes only under the same values.
 MODEL_FLAGS = ('dataset', 'arch', 'heads', 'experts', 'image_size')
@@ -27,11 +27,13 @@ def get_args(argv=None):
                    help='stl10: STL-10 train+unlabeled (105k images, downloaded into --data-dir when online); '
                         'folder: every image below --data-dir')
     p.add_argument('--data-dir', default='data', help='holds stl10_binary/ for stl10; the image folder for folder')
-    p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt (torchvision ResNet weights), log.jsonl')
+    p.add_argument('--out-dir', default='out',
+                   help='ckpt.pt (resumable), encoder.pt (torchvision ResNet weights), log.jsonl')
     p.add_argument('--arch', choices=['resnet18', 'resnet50'], default='resnet18', help='torchvision encoder')
     p.add_argument('--heads', choices=['star', 'shared', 'separate'], default='star',
                    help='star: N soft-routed experts; shared: STAR-SS (E_inv+E_sh, E_eq+E_sh); separate: EquiMod-style')
-    p.add_argument('--experts', type=int, default=16, help='number of experts N for --heads star')
+    p.add_argument('--experts', type=int, help='number of experts N of --heads star (default 16); the other heads '
+                                               'have fixed experts')
     p.add_argument('--eq-weight', type=float, default=1.0,
                    help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR baseline: one head, no x0 pass, no psi/phi')
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
@@ -40,14 +42,19 @@ def get_args(argv=None):
     p.add_argument('--lr', type=float, default=0.03, help='SGD learning rate per 256 images (lr * batch / 256 is used)')
     p.add_argument('--wd', type=float, default=5e-4, help='weight decay on all parameters')
     p.add_argument('--image-size', type=int, default=96, help='images are resized once at load to this size')
-    p.add_argument('--seed', type=int, default=0, help='initialisation, sample order and every augmentation derive from it')
+    p.add_argument('--seed', type=int, default=0, help='initialisation, sample order and every augmentation follow it')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs (stl10); 0: never')
     p.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
     args = p.parse_args(argv)
     if args.batch_size < 2:
         fail('--batch-size must be at least 2: NT-Xent needs negatives')
-    if args.experts < (2 if args.heads == 'star' else 1):
+    if args.experts is not None and args.heads != 'star':
+        fail(f'--experts sets N for --heads star; --heads {args.heads} has fixed experts (drop --experts)')
+    if args.eq_weight == 0:
+        args.heads = 'simclr'  # one head, no equivariant task
+    args.experts = (args.experts or 16) if args.heads == 'star' else None
+    if args.heads == 'star' and args.experts < 2:
         fail('--experts must be at least 2 for --heads star (a router over one expert is no routing)')
     if args.image_size < 32:
         fail('--image-size must be at least 32: the ResNet encoder downsamples by 32')
@@ -66,14 +73,38 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
+class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """torch's SyncBatchNorm for CPU processes (gloo), which torch's own refuses: batch moments summed over all
+    processes with gradient, so BN sees the global batch. On GPUs nn.SyncBatchNorm is used."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        moments = AllReduce.apply(torch.stack([x.sum(dims), (x * x).sum(dims)])) / n
+        mean, var = moments[0], moments[1] - moments[0] ** 2
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+
+
 @torch.no_grad()
 def encode(encoder, images, norm, device, batch=256):
     """Pooled encoder features (eval mode, no augmentation) of uint8 images, on the CPU."""
     encoder.eval()
     feats = []
     for i in tqdm(range(0, len(images), batch), desc='encoding', leave=False):
+        x = data.normalize(images[i:i + batch].to(device).float().div(255), norm)
         with autocast(device):
-            feats.append(encoder(data.normalize(images[i:i + batch].to(device).float().div(255), norm)).float().cpu())
+            feats.append(encoder(x).float().cpu())
     return torch.cat(feats)
 
 
@@ -84,16 +115,27 @@ def knn_top1(train, train_y, test, test_y):
     return (train_y[nearest] == test_y).float().mean().item()
 
 
-def objective(net, images, p, order, norm, stats, tau, equivariant):
-    """L_inv and L_eq of one batch, and the routing weights of the views."""
-    x0, v1, v2, a1, a2 = data.make_views(images, p, order, norm, stats)
+def objective(net, images, p, order, norm, stats, tau):
+    """L_inv and L_eq of one batch (L_eq = 0 for SimCLR), and the forward pass's named parts."""
+    views = data.make_views(images, p, order, norm, stats)
     if images.is_cuda:
-        x0, v1, v2 = (x.contiguous(memory_format=torch.channels_last) for x in (x0, v1, v2))
+        views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
     with autocast(images.device):
-        out = net(v1, v2, x0, a1, a2) if equivariant else net(v1, v2)
+        out = net(*views)
     l_inv = nt_xent(*out['z_inv'], tau)
-    l_eq = nt_xent(out['z_eq'], out['z_hat'], tau) if equivariant else torch.zeros((), device=images.device)
-    return l_inv, l_eq, out['routing']
+    l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), tau) if 'z_eq' in out else l_inv.new_zeros(())
+    return l_inv, l_eq, out
+
+
+def lr_at(args, t):
+    """Cosine schedule without warm-up at fraction t of the run, for the batch size: lr * batch / 256 at t = 0."""
+    return args.lr * args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def shard(x, rank, world):
+    """This process's contiguous share of a global-batch tensor (the batch is dimension 0)."""
+    b = len(x) // world
+    return x[rank * b:(rank + 1) * b]
 
 
 def save(obj, path):
@@ -111,8 +153,8 @@ def load_checkpoint(path):
         fail(f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
 
 
-def main(argv=None):
-    args = get_args(argv)
+def start_processes(args):
+    """(world size, rank, device) of this process; under torchrun, joins the process group."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
     device = torch.device(args.device)
     if world > 1:
@@ -122,7 +164,11 @@ def main(argv=None):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
         if args.batch_size % world:
             fail(f'--batch-size {args.batch_size} must be divisible by the {world} processes')
-    torch.backends.cudnn.benchmark = True
+    return world, rank, device
+
+
+def open_run(args):
+    """The checkpoint to resume from (None for a new run), after checking that --out-dir is writable."""
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         writable = os.access(args.out_dir, os.W_OK)
@@ -130,31 +176,89 @@ def main(argv=None):
         writable = False
     if not writable:
         fail(f'cannot write to --out-dir {args.out_dir}; choose a writable folder')
-    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt:
-        old = {k: ckpt['args'][k] for k in MODEL_FLAGS} | {'equivariant': ckpt['args']['eq_weight'] > 0}
-        new = {k: vars(args)[k] for k in MODEL_FLAGS} | {'equivariant': args.eq_weight > 0}
-        if old != new:
-            diff = ', '.join(f'{k}: {old[k]} there, {new[k]} here' for k in old if old[k] != new[k])
-            fail(f'--resume: {ckpt_path} belongs to another model ({diff}); pass its flags or use a new --out-dir')
+    if not args.resume:
+        return None
+    path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(path)
+    old, new = ({k: a[k] for k in MODEL_FLAGS} for a in (ckpt['args'], vars(args)))
+    if old != new:
+        diff = ', '.join(f'{k}: {old[k]} there, {new[k]} here' for k in old if old[k] != new[k])
+        fail(f'--resume: {path} belongs to another model ({diff}); pass its flags or use a new --out-dir')
+    return ckpt
 
-    if args.dataset == 'stl10':
-        images, labels = data.stl10(args.data_dir, 'train+unlabeled', args.image_size)
-        test_images, test_labels = data.stl10(args.data_dir, 'test', args.image_size)
-        norm = data.STL10_NORM
-    else:
+
+def load_data(args):
+    """Pretraining images (uint8), their normalisation, and the labelled splits of the 1-NN monitor (or None)."""
+    if args.dataset == 'folder':
         images, _, _ = data.image_folder(args.data_dir, args.image_size)
-        norm = data.channel_stats(images)
-    steps, b = len(images) // args.batch_size, args.batch_size // world
-    if steps == 0:
-        fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
-    stats = data.param_stats(args.image_size)
+        return images, data.channel_stats(images), None
+    images, labels = data.stl10(args.data_dir, 'train+unlabeled', args.image_size)
+    monitor = (images[labels >= 0], labels[labels >= 0], *data.stl10(args.data_dir, 'test', args.image_size))
+    return images, data.STL10_NORM, monitor
 
+
+def drop_log_lines_after(path, epoch):
+    """Keep the log lines of the epochs a resumed checkpoint holds; later ones are redone."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)['epoch'] <= epoch]
+        with open(path, 'w') as f:
+            f.writelines(lines)
+
+
+def train_epoch(net, opt, images, epoch, args, run):
+    """One epoch over `images`; returns the mean loss terms and each router's mean weights."""
+    steps, device = len(images) // args.batch_size, run['device']
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(hash((args.seed, epoch))))
+    sums, routing = torch.zeros(2), 0
+    for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=run['rank'] > 0)):
+        # schedule
+        lr = lr_at(args, (epoch * steps + step) / (args.epochs * steps))
+        for group in opt.param_groups:
+            group['lr'] = lr
+        # this step's global batch and augmentations, a function of (seed, epoch, step); this process's share
+        g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
+        p, order = (x.view(2, args.batch_size, -1) for x in data.sample(2 * args.batch_size, args.image_size, g))
+        idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], run['rank'], run['world'])
+        p, order = (shard(x.transpose(0, 1), run['rank'], run['world']).transpose(0, 1) for x in (p, order))
+        # forward and the loss L = L_inv + lambda L_eq
+        l_inv, l_eq, out = objective(net, images[idx].to(device), p, order, run['norm'], run['stats'], args.tau)
+        loss = l_inv + args.eq_weight * l_eq
+        # stop on a non-finite loss, before anything of this epoch is saved
+        terms = torch.stack([l_inv, l_eq]).detach()
+        if run['world'] > 1:
+            dist.all_reduce(terms)
+            terms /= run['world']
+        terms = terms.cpu()
+        if not terms.isfinite().all():
+            fail(f'non-finite loss at epoch {epoch + 1} step {step + 1}: L_inv {terms[0]:.4g}, L_eq {terms[1]:.4g}; '
+                 f'nothing was saved for this epoch; lower --lr or check the data')
+        # update
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums += terms
+        routing = routing + torch.stack([out[s].detach().float().mean(0) for s in ('s_inv', 's_eq') if s in out]).cpu()
+        bar.set_postfix(L_inv=f'{terms[0]:.3f}', L_eq=f'{terms[1]:.3f}', lr=f'{lr:.4f}')
+    return {'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr,
+            'routing': dict(zip(['inv', 'eq'], (routing / steps).tolist()))}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    world, rank, device = start_processes(args)
+    torch.backends.cudnn.benchmark = True
+    ckpt = open_run(args)
+    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
+    images, norm, monitor = load_data(args)
+    if len(images) < args.batch_size:
+        fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
+    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(args.image_size)}
+
+    # model, optimiser, and the state to resume from
     torch.manual_seed(args.seed)
-    equivariant = args.eq_weight > 0
     bn = (torch.nn.SyncBatchNorm if device.type == 'cuda' else CPUSyncBatchNorm) if world > 1 else None
-    model = STAR(args.arch, args.heads, args.experts, equivariant, bn).to(device)
+    model = STAR(args.arch, args.heads, args.experts, bn).to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
@@ -163,50 +267,21 @@ def main(argv=None):
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
         start = ckpt['epoch']
-        if rank == 0 and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
-            with open(log_path) as f:
-                lines = [line for line in f if json.loads(line)['epoch'] <= start]
-            with open(log_path, 'w') as f:
-                f.writelines(lines)
+        if rank == 0:
+            drop_log_lines_after(log_path, start)
     net = DistributedDataParallel(model) if world > 1 else model
 
     for epoch in range(start, args.epochs):
         model.train()
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(hash((args.seed, epoch))))
-        sums, routing, t0 = torch.zeros(2), 0, time.time()
-        bar = tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)
-        for step in bar:
-            t = (epoch * steps + step) / (args.epochs * steps)  # cosine schedule over steps, no warm-up
-            lr = args.lr * args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * t))
-            for group in opt.param_groups:
-                group['lr'] = lr
-            g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))  # this step's augmentations, for the global batch
-            p, order = (x.view(2, args.batch_size, -1)[:, rank * b:(rank + 1) * b] for x in data.sample(2 * args.batch_size, args.image_size, g))
-            idx = perm[step * args.batch_size:][rank * b:(rank + 1) * b]
-            l_inv, l_eq, weights = objective(net, images[idx].to(device), p, order, norm, stats, args.tau, equivariant)
-            terms = torch.stack([l_inv, l_eq]).detach()
-            if world > 1:
-                dist.all_reduce(terms)
-                terms /= world
-            terms = terms.cpu()
-            if not terms.isfinite().all():
-                fail(f'non-finite loss at epoch {epoch + 1} step {step + 1}: L_inv {terms[0]:.4g}, L_eq {terms[1]:.4g}; '
-                     f'nothing was saved for this epoch; lower --lr or check the data')
-            opt.zero_grad(set_to_none=True)
-            (l_inv + args.eq_weight * l_eq).backward()
-            opt.step()
-            sums += terms
-            routing = routing + torch.stack([w.detach().float().mean(0) for w in weights]).cpu()
-            bar.set_postfix(L_inv=f'{terms[0]:.3f}', L_eq=f'{terms[1]:.3f}', lr=f'{lr:.4f}')
+        t0 = time.time()
+        log = {'epoch': epoch + 1, **train_epoch(net, opt, images, epoch, args, run)}
         if rank > 0:
             continue
-        log = {'epoch': epoch + 1, 'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr,
-               'images_per_s': steps * args.batch_size / (time.time() - t0),
-               'routing': dict(zip(['inv', 'eq'], (routing / steps).tolist()))}
-        if args.dataset == 'stl10' and args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs):
-            train = labels >= 0
-            log['knn_top1'] = knn_top1(encode(model.encoder, images[train], norm, device), labels[train],
-                                       encode(model.encoder, test_images, norm, device), test_labels)
+        log['images_per_s'] = len(images) // args.batch_size * args.batch_size / (time.time() - t0)
+        if monitor and args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs):
+            train_x, train_y, test_x, test_y = monitor
+            log['knn_top1'] = knn_top1(encode(model.encoder, train_x, norm, device), train_y,
+                                       encode(model.encoder, test_x, norm, device), test_y)
             print(f'epoch {epoch + 1}: 1-NN accuracy {100 * log["knn_top1"]:.2f}%')
         with open(log_path, 'a') as f:
             f.write(json.dumps(log) + '\n')
