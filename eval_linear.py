@@ -33,7 +33,11 @@ TORCHVISION = {
     'aircraft': (D.FGVCAircraft, {s: {'split': s} for s in ['train', 'val', 'test']}),
     'sun397': (D.SUN397, {'all': {}}),
 }
-VAL_SHARE = {'pets': (740, 3680), 'cars': (1650, 8144), 'mit67': (670, 5360)}  # val / train images; 1 in 10 otherwise
+# AugSelf's validation hold-outs: (train, val) sizes and the seed of torch.utils.data.random_split
+HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food101': (68175, 7575, 42),
+            'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50)}
+PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
+TEST_POOL_ONLY = {'fc100'}  # few-shot data sets whose episodes come from the test split alone
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 
@@ -57,7 +61,9 @@ def get_args(argv=None):
                    help='every run appends a JSON line here (default: %(default)s)')
     p.add_argument('--cache-dir', default='.cache/features',
                    help='encoder features per (checkpoint, data set, split) (default: %(default)s)')
-    p.add_argument('--image-size', type=int, help='input size for encoders without train.py arguments (default: 96)')
+    p.add_argument('--pretrain-data', choices=list(PRETRAIN),
+                   help='size and normalisation of encoders without train.py arguments: stl10 (96 px) or '
+                        'imagenet100 (224 px); default from the architecture (ResNet-50: imagenet100)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cpu, cuda or cuda:N (default: %(default)s)')
     args = p.parse_args(argv)
@@ -67,23 +73,28 @@ def get_args(argv=None):
     return args
 
 
-def load_encoder(path, image_size=None):
-    """(encoder, image size, normalisation) from any of the three checkpoint layouts."""
-    ckpt = train.load_checkpoint(path)
-    size, norm, state = 96, data.STL10_NORM, ckpt
+def load_encoder(path, pretrain_data=None):
+    """(encoder, image size, normalisation) from any of the three checkpoint layouts; encoders without train.py's
+    arguments take those of their pretraining data (`pretrain_data`, by default from the architecture)."""
+    ckpt, size = train.load_checkpoint(path), None
+    state = ckpt.get('backbone', ckpt)  # encoder.pt, or the official STAR / AugSelf layout
     if 'model' in ckpt and 'args' in ckpt:  # train.py's ckpt.pt
         size, norm = ckpt['args']['image_size'], ckpt['norm']
         state = {k.removeprefix('encoder.'): v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
-    elif 'backbone' in ckpt:  # the official STAR / AugSelf layout
-        state = ckpt['backbone']
     state = {k.removeprefix('module.'): v for k, v in state.items() if not k.startswith('fc.')}
-    net, _ = encoder('resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18')
+    arch = 'resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18'
+    net, _ = encoder(arch)
     try:
         net.load_state_dict(state)
     except RuntimeError:
         fail(f'{path} holds no torchvision ResNet-18/50 encoder '
              f'(expected train.py output or {{"backbone": state_dict}})')
-    return net, image_size or size, norm
+    if size is None:
+        pretrain_data = pretrain_data or ('imagenet100' if arch == 'resnet50' else 'stl10')
+        size, norm = PRETRAIN[pretrain_data]
+        print(f'{path}: a {arch} without train.py arguments, probed as pretrained on {pretrain_data} ({size} px, '
+              f'its normalisation); --pretrain-data sets this')
+    return net, size, norm
 
 
 def load_split(name, root, split, size):
@@ -121,43 +132,65 @@ def features(args, net, size, norm):
     return out
 
 
-def hold_out(f, y, n, seed=0):
-    """Split (f, y) into a seeded random remainder and n held-out rows."""
+def random_split(f, y, held_out, seed):
+    """(rest, held-out part) of (f, y), with the indices torch.utils.data.random_split(range(n), [n - held_out,
+    held_out], generator seeded with `seed`) gives: one randperm, the rest first."""
     i = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    return (f[i[n:]], y[i[n:]]), (f[i[:n]], y[i[:n]])
+    n = len(y) - held_out
+    return (f[i[:n]], y[i[:n]]), (f[i[n:]], y[i[n:]])
 
 
 def probe_splits(name, feats):
-    """(train, val, test) with the fixed splits of the protocol (STL-10 4500/500, CIFAR 45000/5000, Food-101
-    68175/7575, Pets 2940/740, Cars 6494/1650, MIT-67 4690/670); (ours) 20% test where no split exists, else 10% val."""
+    """(train, val, test): official splits where they exist, AugSelf's seeded hold-outs (HOLD_OUT) from train
+    otherwise, scaled to the data set's size if it differs; (ours) a 20% test and a 10% val hold-out elsewhere."""
     if 'all' in feats:
-        feats['train'], feats['test'] = hold_out(*feats['all'], len(feats['all'][1]) // 5)
+        feats['train'], feats['test'] = random_split(*feats['all'], len(feats['all'][1]) // 5, 0)
     if 'val' not in feats:
-        val, total = VAL_SHARE.get(name, (1, 10))
-        feats['train'], feats['val'] = hold_out(*feats['train'], len(feats['train'][1]) * val // total)
+        n_train, n_val, seed = HOLD_OUT.get(name, (9, 1, 0))
+        n_val = len(feats['train'][1]) * n_val // (n_train + n_val)
+        feats['train'], feats['val'] = random_split(*feats['train'], n_val, seed)
     return feats['train'], feats['val'], feats['test']
 
 
-def logistic_regression(x, y, n_classes, w, init=None):
-    """Multinomial logistic regression with bias on x (E x n x d: E independent problems), minimising
-    summed cross-entropy + w ||weights||^2 with full-batch L-BFGS (strong Wolfe). Returns E x (d+1) x C."""
-    x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
-    theta = (init.clone() if init is not None else x.new_zeros(x.shape[0], x.shape[-1], n_classes)).requires_grad_()
-    opt = torch.optim.LBFGS([theta], max_iter=5000, tolerance_grad=1e-6, tolerance_change=1e-9,
+def with_bias(x):
+    return torch.cat([x, torch.ones_like(x[..., :1])], -1)
+
+
+def minimise(loss, theta):
+    """theta minimising loss(theta) by full-batch L-BFGS as AugSelf runs it: lr 1, up to 5000 iterations, strong
+    Wolfe, tolerance_grad 1e-10, tolerance_change 0."""
+    theta = theta.clone().requires_grad_()
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=5000, tolerance_grad=1e-10, tolerance_change=0,
                             line_search_fn='strong_wolfe')
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy((x @ theta).flatten(0, 1), y.flatten(), reduction='sum')
-        loss = loss + w * theta[:, :-1].pow(2).sum()
-        loss.backward()
-        return loss
+        value = loss(theta)
+        value.backward()
+        return value
     opt.step(closure)
     return theta.detach()
 
 
+def logistic_regression(x, y, n_classes, w, init=None):
+    """Multinomial logistic regression with bias on x (n x d): summed cross-entropy + w ||theta||^2, weights and
+    bias alike (AugSelf's probe). Returns theta, (d+1) x C."""
+    x = with_bias(x)
+    init = x.new_zeros(x.shape[1], n_classes) if init is None else init
+    return minimise(lambda t: F.cross_entropy(x @ t, y, reduction='sum') + w * t.pow(2).sum(), init)
+
+
+def one_vs_rest(x, y, n_classes):
+    """scikit-learn's LogisticRegression(solver='liblinear'), C = 1: per class c, binary logistic regression
+    minimising 1/2 ||[theta; b]||^2 + sum log(1 + exp(-y_c (theta x + b))) with y_c = +-1, the intercept penalised
+    like a weight. x: E x n x d (E independent episodes). Returns E x (d+1) x C."""
+    x, y_c = with_bias(x), 2 * F.one_hot(y, n_classes).float() - 1
+    init = x.new_zeros(x.shape[0], x.shape[-1], n_classes)
+    return minimise(lambda t: t.pow(2).sum() / 2 + F.softplus(-y_c * (x @ t)).sum(), init)
+
+
 def classify(theta, x):
-    return (torch.cat([x, torch.ones_like(x[..., :1])], -1) @ theta).argmax(-1)
+    return (with_bias(x) @ theta).argmax(-1)
 
 
 def accuracy(pred, y, per_class):
@@ -171,42 +204,51 @@ def linear_probe(feats, name, per_class, device):
     (xt, yt), (xv, yv), (xs, ys) = (tuple(t.to(device) for t in s) for s in probe_splits(name, feats))
     n_classes, theta, scores = int(max(yt.max(), yv.max(), ys.max())) + 1, None, []
     for w in tqdm(WEIGHTS.tolist(), desc='choosing w on val', leave=False):
-        theta = logistic_regression(xt[None], yt[None], n_classes, w, theta)
-        scores.append((accuracy(classify(theta[0], xv), yv, per_class), w, theta))
-    best, w, theta = max(scores, key=lambda s: s[0])
-    theta = logistic_regression(torch.cat([xt, xv])[None], torch.cat([yt, yv])[None], n_classes, w, theta)
-    return {'accuracy': accuracy(classify(theta[0], xs), ys, per_class), 'val_accuracy': best, 'w': w}
+        theta = logistic_regression(xt, yt, n_classes, w, theta)
+        scores.append((accuracy(classify(theta, xv), yv, per_class), w, theta))
+    best, w, theta = max(scores, key=lambda s: s[0])  # the first w of the best validation accuracy
+    theta = logistic_regression(torch.cat([xt, xv]), torch.cat([yt, yv]), n_classes, w, theta)
+    return {'accuracy': accuracy(classify(theta, xs), ys, per_class), 'val_accuracy': best, 'w': w}
 
 
 def episodes(labels, n, k, queries, ways=5, seed=0):
-    """n few-shot episodes: support (n x ways*k) and query (n x ways*queries) indices, episode labels 0..ways-1."""
+    """n few-shot episodes as AugSelf draws them: support (n x ways*k) and query (n x ways*queries) indices and
+    episode labels. Classes with <= k images are dropped; a class with fewer than k + queries images gives k
+    support images and draws its queries from the rest with replacement."""
     g = torch.Generator().manual_seed(seed)
-    by_class = [torch.nonzero(labels == c).squeeze(1) for c in labels.unique()]
-    by_class = [i for i in by_class if len(i) >= k + queries]
+    by_class = [i for i in (torch.nonzero(labels == c).squeeze(1) for c in labels.unique()) if len(i) > k]
     if len(by_class) < ways:
-        fail(f'{ways}-way {k}-shot needs {ways} classes with {k + queries} test images each; '
-             f'this data set has {len(by_class)}')
+        fail(f'{ways}-way {k}-shot needs {ways} classes with more than {k} images each; this data set has '
+             f'{len(by_class)}')
     support, query = [], []
     for _ in range(n):
-        picked = []
         for c in torch.randperm(len(by_class), generator=g)[:ways]:
-            picked.append(by_class[c][torch.randperm(len(by_class[c]), generator=g)[:k + queries]])
-        support.append(torch.cat([i[:k] for i in picked]))
-        query.append(torch.cat([i[k:] for i in picked]))
+            i = by_class[c][torch.randperm(len(by_class[c]), generator=g)]
+            support.append(i[:k])
+            rest = i[k:]
+            query.append(rest[:queries] if len(rest) >= queries else
+                         rest[torch.randint(len(rest), (queries,), generator=g)])
     way = torch.arange(ways)
-    return torch.stack(support), torch.stack(query), way.repeat_interleave(k), way.repeat_interleave(queries)
+    return (torch.cat(support).view(n, -1), torch.cat(query).view(n, -1), way.repeat_interleave(k),
+            way.repeat_interleave(queries))
+
+
+def few_shot_pool(name, feats):
+    """AugSelf's episode pool: the test split for FC100, every split for the others (CUB-200: train + test)."""
+    pool = ['test'] if name in TEST_POOL_ONLY else list(feats)
+    return torch.cat([feats[s][0] for s in pool]), torch.cat([feats[s][1] for s in pool])
 
 
 def few_shot(f, y, k, n, device, queries=16, chunk=100):
-    """Mean accuracy and 95% interval over n 5-way k-shot episodes; logistic regression with w = 0.5
-    (scikit-learn's default C = 1), fitted for `chunk` episodes at once."""
+    """Mean accuracy and 95% interval (1.96 std / sqrt(n)) over n 5-way k-shot episodes, each classified by
+    one-vs-rest logistic regression (AugSelf's scikit-learn liblinear), `chunk` episodes fitted at once."""
     support, query, ys, yq = episodes(y, n, k, queries)
     f, acc = f.to(device), []
     for s, q in zip(support.split(chunk), query.split(chunk)):
-        theta = logistic_regression(f[s], ys.expand(len(s), -1).to(device), 5, 0.5)
+        theta = one_vs_rest(f[s], ys.expand(len(s), -1).to(device), 5)
         acc.append((classify(theta, f[q]) == yq.to(device)).float().mean(1).cpu())
     acc = torch.cat(acc)
-    return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std().item() / math.sqrt(n)}
+    return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std(correction=0).item() / math.sqrt(n)}
 
 
 def cca(x, y, ridge=1e-6):
@@ -251,8 +293,8 @@ def analyze(args):
     stats, g = data.param_stats(a['image_size']), torch.Generator().manual_seed(0)
     parts = {k: [] for k in ['z_inv', 'z_eq', 's_inv', 's_eq', 'z_hat', 'target']}
     for x in tqdm(images.split(256), desc='analysing', leave=False):
-        p, order = (t.view(2, len(x), -1) for t in data.sample(2 * len(x), a['image_size'], g))
-        views = data.make_views(x.to(device), p, order, ckpt['norm'], stats)
+        p, order = data.sample_views(len(x), a['image_size'], g, a['jitter'])
+        views = data.make_views(x.to(device), p, order, ckpt['norm'], stats, a['jitter'])
         original, out = model.embed(views[0]), model(*views)
         for k in ['z_inv', 'z_eq', 's_inv', 's_eq']:
             parts[k].append(original[k].float().cpu())
@@ -301,12 +343,11 @@ def main(argv=None):
     if args.analyze:
         result = {'task': 'analysis', **analyze(args)}
     else:
-        net, size, norm = load_encoder(args.ckpt, args.image_size)
+        net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
         feats = features(args, net, size, norm)
         if args.few_shot:
-            f, y = feats['test'] if 'test' in feats else feats['all']
             result = {'task': f'5-way {args.few_shot}-shot',
-                      **few_shot(f, y, args.few_shot, args.episodes, args.device)}
+                      **few_shot(*few_shot_pool(args.dataset, feats), args.few_shot, args.episodes, args.device)}
         else:
             metric = args.metric or ('mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1')
             per_class = metric == 'mean-per-class'

@@ -8,10 +8,14 @@ N_PARAMS = 11  # the augmentation parameter vector a (data.FIELDS)
 
 
 def encoder(arch, bn=None):
-    """torchvision ResNet, zero-initialised residual branches, fc = identity; returns (module, feature size d)."""
+    """torchvision ResNet, fc = identity; returns (module, feature size d). Initialised as the authors' code does:
+    residual branches' last BN gamma zeroed, every convolution reset to PyTorch's default (uniform +-1/sqrt(fan_in))."""
     net = getattr(torchvision.models, arch)(zero_init_residual=True, norm_layer=bn or nn.BatchNorm2d)
     d = net.fc.in_features
     net.fc = nn.Identity()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
     return net, d
 
 
@@ -28,11 +32,8 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n, hidden, out))
         self.b3 = nn.Parameter(torch.empty(n, out))
         self.bn1, self.bn2 = bn(n * hidden), bn(n * hidden)
-        for w, b in [(self.w1, None), (self.w2, None), (self.w3, self.b3)]:  # nn.Linear's default initialisation
-            bound = w.shape[1] ** -0.5
-            nn.init.uniform_(w, -bound, bound)
-            if b is not None:
-                nn.init.uniform_(b, -bound, bound)
+        for w, fan_in in [(self.w1, d), (self.w2, hidden), (self.w3, hidden), (self.b3, hidden)]:
+            nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)  # as every nn.Linear: uniform +-1/sqrt(fan_in)
 
     def forward(self, h):  # B x d -> B x N x out
         y = torch.einsum('bd,nde->bne', h, self.w1)
@@ -101,10 +102,10 @@ class STAR(nn.Module):
         BatchNorm batch; x0 is not encoded without the equivariant task.
           z_inv: z_inv(v1), z_inv(v2)        s_inv, s_eq: routing weights of the views (2B x N)
           z0 = z_eq(x0);  z_eq: z_eq(v1), z_eq(v2);  z_hat: shift(z0, a1), shift(z0, a2)"""
+        z0 = self.embed(x0)['z_eq'] if self.equivariant else None  # the calls in the order x0, v1, v2
         e1, e2 = self.embed(v1), self.embed(v2)
         out = {'z_inv': (e1['z_inv'], e2['z_inv'])}
         out |= {s: torch.cat([e1[s], e2[s]]) for s in ('s_inv', 's_eq') if s in e1}
         if self.equivariant:
-            z0 = self.embed(x0)['z_eq']
             out |= {'z0': z0, 'z_eq': (e1['z_eq'], e2['z_eq']), 'z_hat': (self.shift(z0, a1), self.shift(z0, a2))}
         return out

@@ -18,7 +18,7 @@ from losses import AllReduce, nt_xent
 from model import STAR
 
 # Flags that fix the model: a checkpoint resumes only under the same values.
-MODEL_FLAGS = ('dataset', 'arch', 'heads', 'experts', 'image_size')
+MODEL_FLAGS = ('dataset', 'arch', 'heads', 'experts', 'image_size', 'jitter')
 
 
 def get_args(argv=None):
@@ -36,8 +36,13 @@ def get_args(argv=None):
                                                'have fixed experts')
     p.add_argument('--eq-weight', type=float, default=1.0,
                    help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR baseline: one head, no x0 pass, no psi/phi')
+    p.add_argument('--jitter', choices=['official', 'torchvision'], default='official',
+                   help="colour jitter semantics: official = kornia 0.4.1's, as the authors' code (brightness adds, "
+                        'contrast scales, HSV saturation and hue; one order per view batch); torchvision = '
+                        "torchvision's adjust_* with one order per image")
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
     p.add_argument('--epochs', type=int, default=200, help='epochs; the cosine schedule spans all of them')
+    p.add_argument('--save-every', type=int, default=10, help='keep encoder-EPOCH.pt every this many epochs; 0: never')
     p.add_argument('--batch-size', type=int, default=256, help='global batch, split over the processes')
     p.add_argument('--lr', type=float, default=0.03, help='SGD learning rate per 256 images (lr * batch / 256 is used)')
     p.add_argument('--wd', type=float, default=5e-4, help='weight decay on all parameters')
@@ -69,10 +74,6 @@ def check_device(name):
         fail(f'--device {name}: CUDA is not available here; use --device cpu')
 
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
-
-
 class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """torch's SyncBatchNorm for CPU processes (gloo), which torch's own refuses: batch moments summed over all
     processes with gradient, so BN sees the global batch. On GPUs nn.SyncBatchNorm is used."""
@@ -98,13 +99,11 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
 @torch.no_grad()
 def encode(encoder, images, norm, device, batch=256):
-    """Pooled encoder features (eval mode, no augmentation) of uint8 images, on the CPU."""
+    """Pooled encoder features of uint8 images: eval mode, float32, no augmentation; on the CPU."""
     encoder.eval()
     feats = []
     for i in tqdm(range(0, len(images), batch), desc='encoding', leave=False):
-        x = data.normalize(images[i:i + batch].to(device).float().div(255), norm)
-        with autocast(device):
-            feats.append(encoder(x).float().cpu())
+        feats.append(encoder(data.normalize(images[i:i + batch].to(device).float().div(255), norm)).cpu())
     return torch.cat(feats)
 
 
@@ -115,21 +114,22 @@ def knn_top1(train, train_y, test, test_y):
     return (train_y[nearest] == test_y).float().mean().item()
 
 
-def objective(net, images, p, order, norm, stats, tau):
+def objective(net, images, p, order, run, tau):
     """L_inv and L_eq of one batch (L_eq = 0 for SimCLR), and the forward pass's named parts."""
-    views = data.make_views(images, p, order, norm, stats)
+    views = data.make_views(images, p, order, run['norm'], run['stats'], run['jitter'])
     if images.is_cuda:
         views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
-    with autocast(images.device):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):  # bf16 on GPUs
         out = net(*views)
     l_inv = nt_xent(*out['z_inv'], tau)
     l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), tau) if 'z_eq' in out else l_inv.new_zeros(())
     return l_inv, l_eq, out
 
 
-def lr_at(args, t):
-    """Cosine schedule without warm-up at fraction t of the run, for the batch size: lr * batch / 256 at t = 0."""
-    return args.lr * args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * t))
+def lr_at(args, epoch):
+    """The learning rate of an epoch: CosineAnnealingLR(T_max = epochs) stepped once per epoch, no warm-up, from
+    lr * batch / 256."""
+    return args.lr * args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
 
 
 def shard(x, rank, world):
@@ -211,18 +211,17 @@ def train_epoch(net, opt, images, epoch, args, run):
     steps, device = len(images) // args.batch_size, run['device']
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(hash((args.seed, epoch))))
     sums, routing = torch.zeros(2), 0
+    lr = lr_at(args, epoch)  # the schedule: constant within an epoch
+    for group in opt.param_groups:
+        group['lr'] = lr
     for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=run['rank'] > 0)):
-        # schedule
-        lr = lr_at(args, (epoch * steps + step) / (args.epochs * steps))
-        for group in opt.param_groups:
-            group['lr'] = lr
         # this step's global batch and augmentations, a function of (seed, epoch, step); this process's share
         g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
-        p, order = (x.view(2, args.batch_size, -1) for x in data.sample(2 * args.batch_size, args.image_size, g))
+        p, order = data.sample_views(args.batch_size, args.image_size, g, args.jitter)
         idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], run['rank'], run['world'])
         p, order = (shard(x.transpose(0, 1), run['rank'], run['world']).transpose(0, 1) for x in (p, order))
         # forward and the loss L = L_inv + lambda L_eq
-        l_inv, l_eq, out = objective(net, images[idx].to(device), p, order, run['norm'], run['stats'], args.tau)
+        l_inv, l_eq, out = objective(net, images[idx].to(device), p, order, run, args.tau)
         loss = l_inv + args.eq_weight * l_eq
         # stop on a non-finite loss, before anything of this epoch is saved
         terms = torch.stack([l_inv, l_eq]).detach()
@@ -253,7 +252,8 @@ def main(argv=None):
     images, norm, monitor = load_data(args)
     if len(images) < args.batch_size:
         fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
-    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(args.image_size)}
+    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(args.image_size),
+           'jitter': args.jitter}
 
     # model, optimiser, and the state to resume from
     torch.manual_seed(args.seed)
@@ -286,6 +286,8 @@ def main(argv=None):
         with open(log_path, 'a') as f:
             f.write(json.dumps(log) + '\n')
         save(model.encoder.state_dict(), os.path.join(args.out_dir, 'encoder.pt'))
+        if args.save_every and (epoch + 1) % args.save_every == 0:  # as the authors' ckpt-{epoch}.pth
+            save(model.encoder.state_dict(), os.path.join(args.out_dir, f'encoder-{epoch + 1}.pt'))
         save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch + 1, 'args': vars(args),
               'norm': norm}, ckpt_path)
     if world > 1:
