@@ -37,32 +37,42 @@ def stl10(root, split, size=96):
     folder = os.path.join(root, 'stl10_binary')
     parts = STL10_FILES[split]
     names = [f'{part}_X.bin' for part in parts] + [f'{part}_y.bin' for part in parts if part != 'unlabeled']
-    if not all(os.path.exists(os.path.join(folder, n)) for n in names):
+    missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+    if missing:
         try:  # torchvision fetches and extracts the archive when the machine is online
             torchvision.datasets.STL10(root, split='train', download=True)
         except Exception as e:
-            fail(f'STL-10 not found in {folder} (expected {", ".join(names)}) and the download failed '
+            fail(f'STL-10 files missing in {folder}: {", ".join(missing)}, and the download failed '
                  f'({type(e).__name__}); extract stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ '
-                 f'into {root}')
+                 f'into {root} (a folder of images is --dataset folder)')
     images, labels = [], []
     for part in parts:
         x_path, y_path = (os.path.join(folder, f'{part}_{xy}.bin') for xy in 'Xy')
-        x = torch.from_file(x_path, size=os.path.getsize(x_path), dtype=torch.uint8)
-        images.append(resize_crop(x.view(-1, 3, 96, 96).transpose(2, 3), size))  # each channel stored column-major
-        n = len(images[-1])
+        n, rest = divmod(os.path.getsize(x_path), 3 * 96 * 96)
+        if rest or (part != 'unlabeled' and os.path.getsize(y_path) != n):
+            fail(f'{x_path if rest else y_path} is truncated (sizes of {part}_X.bin and {part}_y.bin disagree '
+                 f'with {n} images of 3x96x96 bytes); extract STL-10 again')
+        x = torch.from_file(x_path, size=n * 3 * 96 * 96, dtype=torch.uint8)
+        images.append(resize_crop(x.view(n, 3, 96, 96).transpose(2, 3), size))  # each channel stored column-major
         y = torch.full((n,), -1) if part == 'unlabeled' else torch.from_file(y_path, size=n, dtype=torch.uint8) - 1
         labels.append(y.long())
     return torch.cat(images), torch.cat(labels)
 
 
-def image_folder(root, size):
-    """Every image below `root`, resized once to size x size; labels index the first-level sub-folders (-1 outside)."""
+def image_folder(root, size, classes=None):
+    """Every image below `root`, resized once to size x size. Labels index `classes`, whose folders must then hold
+    every image; without them, the first-level sub-folders (-1 for images outside them)."""
     if not os.path.isdir(root):
         fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
     rel = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
-                 if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')))
-    classes = sorted({r.split(os.sep)[0] for r in rel if os.sep in r})
-    files = [(os.path.join(root, r), classes.index(r.split(os.sep)[0]) if os.sep in r else -1) for r in rel]
+                 if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')))
+    folder = {r: r.split(os.sep)[0] if os.sep in r else None for r in rel}
+    stray = [r for r in rel if classes is not None and folder[r] not in classes]
+    if stray:
+        fail(f'{root}: {len(stray)} images are not in a class folder of the training split ({", ".join(stray[:3])}'
+             f'{", ..." if len(stray) > 3 else ""}); move or remove them')
+    classes = classes or sorted({c for c in folder.values() if c})
+    files = [(os.path.join(root, r), classes.index(folder[r]) if folder[r] else -1) for r in rel]
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
         loaded = pool.map(functools.partial(load_image, size=size), [f for f, _ in files])
         loaded = list(tqdm(loaded, total=len(files), desc=f'loading {root}', leave=False))
@@ -77,6 +87,10 @@ def image_folder(root, size):
 
 
 def pil_to_uint8(img, size):
+    """Any PIL image as uint8 RGB: 16- and 32-bit or float grey scaled to 8 bits (PIL's convert would clip them)."""
+    if img.mode[0] in 'IF':
+        top = img.getextrema()[1]
+        img = img.point(lambda v: v * 255 / (65535 if top > 255 else 255 if top > 1 else 1)).convert('L')
     return resize_crop(TF.pil_to_tensor(img.convert('RGB')), size)
 
 

@@ -38,6 +38,7 @@ HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food10
             'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50)}
 PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
 TEST_POOL_ONLY = {'fc100'}  # few-shot data sets whose episodes come from the test split alone
+ANALYSIS_COLUMNS = ['cca', 'mrr', 'hit1', 'hit5', 'rel_error']
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 
@@ -68,8 +69,23 @@ def get_args(argv=None):
                    help='cpu, cuda or cuda:N (default: %(default)s)')
     args = p.parse_args(argv)
     train.check_device(args.device)
-    if not args.summary and not (args.ckpt and args.dataset):
+    train.require(args, few_shot=(1, ''), episodes=(1, ''))
+    if args.summary:
+        return args
+    if not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
+    if os.sep in args.dataset:
+        fail(f'--dataset names a data set; give the folder {args.dataset} as --data-dir with any --dataset name')
+    if args.dataset not in TORCHVISION and args.dataset != 'stl10' and not os.path.isdir(f'{args.data_dir}/train'):
+        fail(f'{args.dataset} is not one of stl10, {", ".join(TORCHVISION)}, and {args.data_dir}/train does not exist '
+             'for an image folder (train/ and test/ of class folders)')
+    try:  # fail now, not after the work
+        os.makedirs(args.cache_dir, exist_ok=True)
+        open(args.results, 'a').close()
+        if not os.access(args.cache_dir, os.W_OK):
+            raise PermissionError(13, 'permission denied')
+    except OSError as e:
+        fail(f'cannot write --results {args.results} or --cache-dir {args.cache_dir} ({e.strerror}); choose others')
     return args
 
 
@@ -98,11 +114,15 @@ def load_encoder(path, pretrain_data=None):
 
 
 def load_split(name, root, split, size):
-    """uint8 images (N x 3 x size x size), resized (bicubic) and centre-cropped, and labels of one official split."""
+    """uint8 images (N x 3 x size x size), resized (bicubic) and centre-cropped, and labels of one official split;
+    an image folder's splits are labelled by train/'s class folders."""
     if name == 'stl10':
         return data.stl10(root, split, size)
     if name not in TORCHVISION:
-        x, y, _ = data.image_folder(os.path.join(root, split), size)
+        classes = sorted(e.name for e in os.scandir(os.path.join(root, 'train')) if e.is_dir())
+        if not classes:
+            fail(f'{root}/train holds no class folders; an image-folder data set is train/ and test/ of class folders')
+        x, y, _ = data.image_folder(os.path.join(root, split), size, classes)
         return x, y
     cls, kwargs = TORCHVISION[name]
     try:
@@ -116,19 +136,28 @@ def load_split(name, root, split, size):
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
+def sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
 def features(args, net, size, norm):
-    """{split: (features, labels)} of the official splits, encoded once and cached under the checkpoint's hash."""
-    with open(args.ckpt, 'rb') as f:
-        key = hashlib.file_digest(f, 'sha256').hexdigest()[:16]
+    """{split: (features, labels)} of the official splits, encoded once (float32, eval mode) and cached under a key
+    of all they depend on: checkpoint, data set and the names, sizes and times of its files, split, size, norm."""
+    root = os.path.realpath(args.data_dir)
+    files = sorted((os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_size,
+                    os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, fs in os.walk(root) for f in fs)
     splits = list(TORCHVISION[args.dataset][1]) if args.dataset in TORCHVISION else ['train', 'test']
-    out = {}
+    out, digest = {}, sha256(args.ckpt)
     for split in splits:
-        path = os.path.join(args.cache_dir, f'{args.dataset}-{split}-{size}-{key}.pt')
-        if not os.path.exists(path):
+        key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32']).encode()
+        path = os.path.join(args.cache_dir, f'{args.dataset}-{split}-{hashlib.sha256(key).hexdigest()[:16]}.pt')
+        try:
+            out[split] = torch.load(path, weights_only=True)
+        except Exception:  # not cached yet, or a corrupt file: encode again
             x, y = load_split(args.dataset, args.data_dir, split, size)
-            os.makedirs(args.cache_dir, exist_ok=True)
-            train.save((train.encode(net.to(args.device), x, norm, torch.device(args.device)), y), path)
-        out[split] = torch.load(path, weights_only=True)
+            out[split] = train.encode(net.to(args.device), x, norm, torch.device(args.device)), y
+            train.save(out[split], path)
     return out
 
 
@@ -208,7 +237,8 @@ def linear_probe(feats, name, per_class, device):
         scores.append((accuracy(classify(theta, xv), yv, per_class), w, theta))
     best, w, theta = max(scores, key=lambda s: s[0])  # the first w of the best validation accuracy
     theta = logistic_regression(torch.cat([xt, xv]), torch.cat([yt, yv]), n_classes, w, theta)
-    return {'accuracy': accuracy(classify(theta, xs), ys, per_class), 'val_accuracy': best, 'w': w}
+    return {'accuracy': accuracy(classify(theta, xs), ys, per_class), 'val_accuracy': best, 'w': w,
+            'splits': {'train': len(yt), 'val': len(yv), 'test': len(ys)}}
 
 
 def episodes(labels, n, k, queries, ways=5, seed=0):
@@ -312,48 +342,91 @@ def analyze(args):
             **expert_roles(s_inv, s_eq)}
 
 
-def summary(path):
-    """One row per checkpoint, one column per data set (latest linear-probe result), then the mean and average rank."""
-    if not os.path.exists(path):
-        fail(f'no results in {path}; run a linear probe first')
-    table = {}
+def read_results(path):
+    """The latest result per (checkpoint hash, task, data set, metric), and the count of unreadable lines."""
+    latest, bad = {}, 0
     with open(path) as f:
-        for r in map(json.loads, f):
-            if r['task'] == 'linear':
-                table.setdefault(r['ckpt'], {})[r['dataset']] = 100 * r['accuracy']
-    sets = sorted({d for row in table.values() for d in row})
-    ranks = {c: [] for c in table}
-    for d in sets:
-        scores = {c: row[d] for c, row in table.items() if d in row}
-        for c, s in scores.items():  # rank 1 is the best; ties share the mean of their ranks
-            ranks[c].append(sum(t > s for t in scores.values()) + (sum(t == s for t in scores.values()) + 1) / 2)
-    width = max([len(c) for c in table] + [10])
-    lines = [f'{"checkpoint":<{width}} ' + ' '.join(f'{d[:9]:>9}' for d in sets) + '      mean  avg rank']
-    for c, row in table.items():
-        cells = ' '.join(f'{row[d]:9.2f}' if d in row else f'{"-":>9}' for d in sets)
-        lines.append(f'{c:<{width}} {cells} {sum(row.values()) / len(row):9.2f} {sum(ranks[c]) / len(ranks[c]):9.2f}')
-    return '\n'.join(lines)
+        for line in f:
+            try:
+                r = json.loads(line)
+                latest[r['ckpt_sha256'], r['task'], r['dataset'], r.get('metric')] = r
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+    return list(latest.values()), bad
+
+
+def rank(value, values):
+    return sum(v > value for v in values) + (sum(v == value for v in values) + 1) / 2
+
+
+def table(task, rows):
+    """Rows {checkpoint: {column: value}} as text; a linear probe adds the mean and the average rank over the data
+    sets every row has (rank 1 the best; tied values share the mean of their ranks)."""
+    columns = sorted({c for row in rows.values() for c in row})
+    common = [c for c in columns if all(c in row for row in rows.values())]
+    if task == 'linear' and common:
+        for row in rows.values():
+            row['mean'] = sum(row[d] for d in common) / len(common)
+            row['avg rank'] = sum(rank(row[d], [o[d] for o in rows.values()]) for d in common) / len(common)
+        columns += ['mean', 'avg rank']
+    width = max(len(n) for n in rows)
+    lines = [f'{task:<{width}} ' + ' '.join(f'{c[:9]:>9}' for c in columns)]
+    lines += [f'{name:<{width}} ' + ' '.join(f'{row[c]:9.3f}' if c in row else f'{"-":>9}' for c in columns)
+              for name, row in rows.items()]
+    return '\n'.join(lines + ([f'mean and avg rank over {", ".join(common)}'] if task == 'linear' else []))
+
+
+def summary(path):
+    """One table per task (linear probe in %, each few-shot setting in %, analysis); rows are checkpoints by hash."""
+    if not os.path.exists(path):
+        fail(f'no results in {path}; run eval_linear.py on a checkpoint first')
+    results, bad = read_results(path)
+    tables = {}
+    for r in results:
+        cells = ({r['dataset']: 100 * r['accuracy']} if 'accuracy' in r else
+                 {f'{k} {r["dataset"]}': r[k] for k in ANALYSIS_COLUMNS if k in r})
+        tables.setdefault(r['task'], {}).setdefault(r['name'], {}).update(cells)
+    out = [table(task, rows) for task, rows in tables.items()]
+    return '\n\n'.join(out + ([f'skipped {bad} unreadable lines of {path}'] if bad else []))
+
+
+def describe(r):
+    """One readable line of a result."""
+    if r['task'] == 'linear':
+        n = r['splits']
+        return (f'{r["name"]} on {r["dataset"]}: {100 * r["accuracy"]:.2f}% {r["metric"]} on {n["test"]} test images; '
+                f'w = {r["w"]:.3g} chosen on {n["val"]} val images ({100 * r["val_accuracy"]:.2f}%), fitted on '
+                f'{n["train"]} + {n["val"]}')
+    if r['task'] != 'analysis':
+        return (f'{r["name"]} on {r["dataset"]}, {r["task"]}: {100 * r["accuracy"]:.2f}% +- {100 * r["ci95"]:.2f} '
+                f'over {r["episodes"]} episodes from {r["pool"]} images')
+    return f'{r["name"]} on {r["dataset"]}: ' + ', '.join(f'{k} {r[k]:.3f}' for k in ANALYSIS_COLUMNS if k in r)
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.summary:
-        print(summary(args.results))
-        return
+        return print(summary(args.results))
     if args.analyze:
         result = {'task': 'analysis', **analyze(args)}
     else:
         net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
         feats = features(args, net, size, norm)
+        result = {'image_size': size, 'norm': norm}
         if args.few_shot:
-            result = {'task': f'5-way {args.few_shot}-shot',
-                      **few_shot(*few_shot_pool(args.dataset, feats), args.few_shot, args.episodes, args.device)}
+            f, y = few_shot_pool(args.dataset, feats)
+            result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),
+                       **few_shot(f, y, args.few_shot, args.episodes, args.device)}
         else:
             metric = args.metric or ('mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1')
             per_class = metric == 'mean-per-class'
-            result = {'task': 'linear', 'metric': metric, **linear_probe(feats, args.dataset, per_class, args.device)}
-    result = {'ckpt': args.ckpt, 'dataset': args.dataset, **result}
-    print(json.dumps(result))
+            result |= {'task': 'linear', 'metric': metric, **linear_probe(feats, args.dataset, per_class, args.device)}
+    path = os.path.realpath(args.ckpt)
+    digest = sha256(path)
+    result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
+              'dataset': args.dataset, **result, 'ckpt': path, 'ckpt_sha256': digest,
+              'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
+    print(describe(result))
     with open(args.results, 'a') as f:
         f.write(json.dumps(result) + '\n')
 

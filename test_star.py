@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -513,6 +514,84 @@ def test_non_finite_loss_stops_before_saving(stl, tmp_path):
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
 
 
+def snapshot(folder):
+    """Every file below `folder` and its bytes."""
+    return {os.path.join(d, f): open(os.path.join(d, f), 'rb').read() for d, _, fs in os.walk(folder) for f in fs}
+
+
+def prepare_case(root, tmp_path, trained, setup):
+    """A finished one-epoch run in tmp/run, a copy of the tiny STL-10 in tmp/stl, then the case's own change."""
+    run_dir, stl_dir = tmp_path / 'run', tmp_path / 'stl'
+    shutil.copytree(os.path.dirname(trained), run_dir)
+    shutil.copytree(root, stl_dir)
+    if setup == 'lock':  # a live process (this test) holds the run
+        (run_dir / 'lock').write_text(str(os.getpid()))
+    elif setup == 'list':
+        torch.save([1, 2], run_dir / 'ckpt.pt')
+    elif setup == 'truncated':
+        with open(stl_dir / 'stl10_binary' / 'test_X.bin', 'r+b') as f:
+            f.truncate(5 * 3 * 96 * 96 + 7)
+    elif setup == 'labels':
+        with open(stl_dir / 'stl10_binary' / 'train_y.bin', 'r+b') as f:
+            f.truncate(5)
+    elif setup == 'missing':
+        os.remove(stl_dir / 'stl10_binary' / 'test_X.bin')
+    return str(run_dir), str(stl_dir)
+
+
+# (setup, command, the one line expected on stderr); every case exits 1 and leaves every file as it was
+MISTAKES = [
+    (None, ['train.py', '--epochs', '2'], 'holds a run (ckpt.pt): continue it with --resume'),
+    ('lock', ['train.py', '--epochs', '2', '--resume'], 'another run (process'),
+    (None, ['train.py', '--epochs', '2', '--resume', '--seed', '1'], 'seed: 0 there, 1 here'),
+    (None, ['train.py', '--epochs', '2', '--resume', '--batch-size', '8'], 'batch_size: 16 there, 8 here'),
+    ('list', ['train.py', '--epochs', '2', '--resume'], 'holds a list, not a checkpoint'),
+    ('truncated', ['train.py', '--epochs', '2', '--overwrite'], 'test_X.bin is truncated'),
+    ('labels', ['train.py', '--epochs', '2', '--overwrite'], 'train_y.bin is truncated'),
+    ('missing', ['train.py', '--epochs', '2', '--overwrite'], 'files missing in'),
+    (None, ['eval_linear.py', '--dataset', 'stl10', '--results', __file__ + '/r.jsonl'], 'cannot write --results'),
+    ('list', ['eval_linear.py', '--dataset', 'stl10'], 'holds a list, not a checkpoint'),
+]
+
+BAD_VALUES = [  # (script, flags, the one line expected)
+    (train, ['--eq-weight', 'nan'], '--eq-weight must be at least 0 (got nan)'),
+    (train, ['--tau', '-0.2'], '--tau must be above 0'),
+    (train, ['--tau', '0'], '--tau must be above 0'),
+    (train, ['--lr', '-1'], '--lr must be above 0'),
+    (train, ['--wd', '-1'], '--wd must be at least 0'),
+    (train, ['--epochs', '0'], '--epochs must be at least 1'),
+    (train, ['--save-every', '-1'], '--save-every must be at least 0'),
+    (train, ['--device', 'gpu'], 'expected cpu, cuda or cuda:N'),
+    (ev, ['--ckpt', 'c', '--dataset', 'stl10', '--few-shot', '0'], '--few-shot must be at least 1'),
+    (ev, ['--ckpt', 'c', '--dataset', 'stl10', '--few-shot', '-1'], '--few-shot must be at least 1'),
+    (ev, ['--ckpt', 'c', '--dataset', 'stl10', '--episodes', '0'], '--episodes must be at least 1'),
+    (ev, ['--ckpt', 'c', '--dataset', 'a/b'], '--dataset names a data set'),
+    (ev, ['--ckpt', 'c', '--dataset', 'cifar11', '--data-dir', '/nonexistent'], 'cifar11 is not one of stl10, cifar10'),
+]
+
+
+@pytest.mark.parametrize('script, flags, message', BAD_VALUES)
+def test_bad_value_is_refused_up_front_in_one_line(script, flags, message):
+    with pytest.raises(SystemExit) as e:
+        script.get_args(flags)
+    assert message in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('setup, command, message', MISTAKES)
+def test_everyday_mistake_ends_with_one_line_and_changes_nothing(stl, trained, tmp_path, setup, command, message):
+    run_dir, stl_dir = prepare_case(stl[0], tmp_path, trained, setup)
+    if command[0] == 'train.py':
+        common = tiny_train_flags(stl_dir, run_dir, '--eval-interval', '0')
+    else:
+        common = ['eval_linear.py', '--ckpt', os.path.join(run_dir, 'ckpt.pt'), '--data-dir', stl_dir,
+                  '--cache-dir', str(tmp_path / 'cache'), '--results', str(tmp_path / 'results.jsonl')]
+    before = snapshot(run_dir) | snapshot(stl_dir)
+    proc = run(*common, *command[1:])
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count('\n') == 0, proc.stderr
+    assert snapshot(run_dir) | snapshot(stl_dir) == before
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--batch-size', '1'], '--batch-size must be at least 2'),
     (['--experts', '1'], '--experts must be at least 2'),
@@ -800,9 +879,13 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     used = analysis['shared_experts'] + analysis['inv_experts'] + analysis['eq_experts']
     assert len(used) == len(set(used)) and set(used) <= set(range(4))
     table = run('eval_linear.py', '--summary', *common).stdout.splitlines()
-    assert table[0].split() == ['checkpoint', 'shapes', 'stl10', 'mean', 'avg', 'rank']
-    row = table[1].split()
-    assert row[0] == trained and float(row[3]) == pytest.approx((float(row[1]) + float(row[2])) / 2, abs=0.01)
+    assert table[0].split() == ['linear', 'shapes', 'stl10', 'mean', 'avg', 'rank']
+    name = f'{os.path.basename(os.path.dirname(trained))}/ckpt.pt {results[0]["ckpt_sha256"][:8]}'
+    assert table[1].startswith(name) and table[1].count(name) == 1
+    row = table[1][len(name):].split()
+    assert float(row[2]) == pytest.approx((float(row[0]) + float(row[1])) / 2, abs=0.01) and float(row[3]) == 1
+    assert table[2] == 'mean and avg rank over shapes, stl10'
+    assert table[4].split() == ['5-way', '1-shot', 'shapes'] and table[7].startswith('analysis')
 
 
 def test_missing_transfer_data_set_offline_one_line(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """STAR pretraining. The paper's STL-10 recipe is the default: python train.py --dataset stl10
 On G devices (DDP, SyncBatchNorm, negatives from all processes): torchrun --nproc_per_node=G train.py ..."""
 import argparse
+import datetime
 import json
 import math
 import os
@@ -17,8 +18,8 @@ from data import fail
 from losses import AllReduce, nt_xent
 from model import STAR
 
-# Flags that fix the model: a checkpoint resumes only under the same values.
-MODEL_FLAGS = ('dataset', 'arch', 'heads', 'experts', 'image_size', 'jitter')
+# Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
+RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'device', 'eval_interval', 'save_every', 'resume', 'overwrite', 'out_dir')
 
 
 def get_args(argv=None):
@@ -51,26 +52,37 @@ def get_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs (stl10); 0: never')
     p.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
+    p.add_argument('--overwrite', action='store_true', help='start afresh in an --out-dir that holds a run')
     args = p.parse_args(argv)
-    if args.batch_size < 2:
-        fail('--batch-size must be at least 2: NT-Xent needs negatives')
     if args.experts is not None and args.heads != 'star':
         fail(f'--experts sets N for --heads star; --heads {args.heads} has fixed experts (drop --experts)')
     if args.eq_weight == 0:
         args.heads = 'simclr'  # one head, no equivariant task
     args.experts = (args.experts or 16) if args.heads == 'star' else None
-    if args.heads == 'star' and args.experts < 2:
-        fail('--experts must be at least 2 for --heads star (a router over one expert is no routing)')
-    if args.image_size < 32:
-        fail('--image-size must be at least 32: the ResNet encoder downsamples by 32')
-    if args.eq_weight < 0 or args.epochs < 1:
-        fail('--eq-weight must be >= 0 and --epochs >= 1')
+    require(args, batch_size=(2, 'NT-Xent needs negatives'), experts=(2, 'a router over one expert is no routing'),
+            image_size=(32, 'the ResNet encoder downsamples by 32'), epochs=(1, ''), save_every=(0, ''),
+            eval_interval=(0, ''), eq_weight=(0, ''), wd=(0, ''), lr=(0, 'above'), tau=(0, 'above'))
     check_device(args.device)
     return args
 
 
+def require(args, **bounds):
+    """One line and exit 1 unless every flag's value is finite and at least its bound (above it, for 'above')."""
+    for name, (low, why) in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= low and (value > low or why != 'above')):
+            rule = f'above {low}' if why == 'above' else f'at least {low}' + (f': {why}' if why else '')
+            fail(f'--{name.replace("_", "-")} must be {rule} (got {value})')
+
+
 def check_device(name):
-    if name.startswith('cuda') and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        fail(f'--device {name}: expected cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
         fail(f'--device {name}: CUDA is not available here; use --device cpu')
 
 
@@ -148,9 +160,12 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f'no checkpoint at {path}; check the path (train.py writes OUT_DIR/ckpt.pt)')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         fail(f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
+    if not isinstance(ckpt, dict):
+        fail(f'{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of weights)')
+    return ckpt
 
 
 def start_processes(args):
@@ -167,8 +182,9 @@ def start_processes(args):
     return world, rank, device
 
 
-def open_run(args):
-    """The checkpoint to resume from (None for a new run), after checking that --out-dir is writable."""
+def open_run(args, rank):
+    """Check --out-dir, hold its lock (rank 0), and return the checkpoint to resume from (None for a new run)."""
+    path = os.path.join(args.out_dir, 'ckpt.pt')
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         writable = os.access(args.out_dir, os.W_OK)
@@ -176,15 +192,46 @@ def open_run(args):
         writable = False
     if not writable:
         fail(f'cannot write to --out-dir {args.out_dir}; choose a writable folder')
-    if not args.resume:
-        return None
-    path = os.path.join(args.out_dir, 'ckpt.pt')
-    ckpt = load_checkpoint(path)
-    old, new = ({k: a[k] for k in MODEL_FLAGS} for a in (ckpt['args'], vars(args)))
-    if old != new:
-        diff = ', '.join(f'{k}: {old[k]} there, {new[k]} here' for k in old if old[k] != new[k])
-        fail(f'--resume: {path} belongs to another model ({diff}); pass its flags or use a new --out-dir')
+    if os.path.exists(path) and not (args.resume or args.overwrite):
+        fail(f'{args.out_dir} holds a run (ckpt.pt): continue it with --resume, replace it with --overwrite, '
+             'or choose another --out-dir')
+    ckpt = load_checkpoint(path) if args.resume else None
+    if ckpt:
+        check_resumable(ckpt, args, path, rank)
+    if rank == 0:
+        lock(os.path.join(args.out_dir, 'lock'))
     return ckpt
+
+
+def check_resumable(ckpt, args, path, rank):
+    """Refuse a checkpoint of another kind or trained with other flags; print the flags a resume may change."""
+    if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
+        fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
+    old, new = ckpt['args'], vars(args)
+    changed = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
+    if any(k not in RESUMABLE for k in changed):
+        diff = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
+        fail(f'--resume: {path} was trained with other flags ({diff}); pass its flags, --overwrite, or a new --out-dir')
+    for k, (a, b) in changed.items():
+        if k not in ('resume', 'overwrite') and rank == 0:
+            print(f'--resume: {k} was {a}, now {b}')
+
+
+def lock(path):
+    """Hold `path` (this process's id) for the run's life: a live run's lock refuses a second run on the folder."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(path) as f:
+            pid = f.read().strip()
+        try:
+            os.kill(int(pid), 0)  # raises unless the process lives
+            fail(f'another run (process {pid}) is using {os.path.dirname(path)}; wait for it or use another --out-dir')
+        except (ValueError, ProcessLookupError):
+            os.remove(path)  # left by a run that was killed
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
 
 
 def load_data(args):
@@ -195,15 +242,6 @@ def load_data(args):
     images, labels = data.stl10(args.data_dir, 'train+unlabeled', args.image_size)
     monitor = (images[labels >= 0], labels[labels >= 0], *data.stl10(args.data_dir, 'test', args.image_size))
     return images, data.STL10_NORM, monitor
-
-
-def drop_log_lines_after(path, epoch):
-    """Keep the log lines of the epochs a resumed checkpoint holds; later ones are redone."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)['epoch'] <= epoch]
-        with open(path, 'w') as f:
-            f.writelines(lines)
 
 
 def train_epoch(net, opt, images, epoch, args, run):
@@ -246,11 +284,27 @@ def train_epoch(net, opt, images, epoch, args, run):
 def main(argv=None):
     args = get_args(argv)
     world, rank, device = start_processes(args)
+    ckpt = open_run(args, rank)
+    try:
+        pretrain(args, ckpt, world, rank, device)
+    except KeyboardInterrupt:
+        fail('interrupted; continue with --resume')
+    finally:
+        if rank == 0:
+            os.remove(os.path.join(args.out_dir, 'lock'))
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def pretrain(args, ckpt, world, rank, device):
     torch.backends.cudnn.benchmark = True
-    ckpt = open_run(args)
-    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
+    log_path = os.path.join(args.out_dir, 'log.jsonl')
+    start = ckpt['epoch'] if ckpt else 0
+    if start >= args.epochs:
+        return print(f'{args.out_dir}: the run is finished ({start} of {args.epochs} epochs); raise --epochs to go on')
     images, norm, monitor = load_data(args)
-    if len(images) < args.batch_size:
+    steps = len(images) // args.batch_size
+    if steps == 0:
         fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
     run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(args.image_size),
            'jitter': args.jitter}
@@ -262,36 +316,48 @@ def main(argv=None):
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    start = 0
     if ckpt:
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
-        start = ckpt['epoch']
-        if rank == 0:
-            drop_log_lines_after(log_path, start)
     net = DistributedDataParallel(model) if world > 1 else model
+    history = ckpt['log'] if ckpt else []
+    if rank == 0:  # the log holds the checkpoint's epochs (none for a new run); later lines are redone
+        with open(log_path, 'w') as f:
+            f.writelines(json.dumps(e) + '\n' for e in history)
+        print(f'{"resuming from epoch " + str(start) if ckpt else "starting"} of {args.epochs}: {args.dataset}, '
+              f'{len(images)} images, {steps} steps of {args.batch_size} per epoch, {device} '
+              f'({"bf16" if device.type == "cuda" else "float32"}), {world} process(es), writing to {args.out_dir}')
 
+    t_start = time.time()
     for epoch in range(start, args.epochs):
         model.train()
         t0 = time.time()
         log = {'epoch': epoch + 1, **train_epoch(net, opt, images, epoch, args, run)}
         if rank > 0:
             continue
-        log['images_per_s'] = len(images) // args.batch_size * args.batch_size / (time.time() - t0)
+        log['images_per_s'] = steps * args.batch_size / (time.time() - t0)
         if monitor and args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs):
             train_x, train_y, test_x, test_y = monitor
             log['knn_top1'] = knn_top1(encode(model.encoder, train_x, norm, device), train_y,
                                        encode(model.encoder, test_x, norm, device), test_y)
-            print(f'epoch {epoch + 1}: 1-NN accuracy {100 * log["knn_top1"]:.2f}%')
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(log) + '\n')
-        save(model.encoder.state_dict(), os.path.join(args.out_dir, 'encoder.pt'))
-        if args.save_every and (epoch + 1) % args.save_every == 0:  # as the authors' ckpt-{epoch}.pth
-            save(model.encoder.state_dict(), os.path.join(args.out_dir, f'encoder-{epoch + 1}.pt'))
-        save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch + 1, 'args': vars(args),
-              'norm': norm}, ckpt_path)
-    if world > 1:
-        dist.destroy_process_group()
+        eta = (time.time() - t_start) / (epoch + 1 - start) * (args.epochs - epoch - 1)
+        print(f'epoch {epoch + 1}/{args.epochs}  L_inv {log["loss_inv"]:.4f}  L_eq {log["loss_eq"]:.4f}  '
+              f'lr {log["lr"]:.4g}  {log["images_per_s"]:.0f} img/s  ETA {datetime.timedelta(seconds=round(eta))}'
+              + (f'  1-NN {100 * log["knn_top1"]:.2f}%' if 'knn_top1' in log else ''))
+        history.append(log)
+        save_epoch(model, opt, history, args, norm)
+
+
+def save_epoch(model, opt, history, args, norm):
+    """The epoch's log line, encoder.pt (and encoder-EPOCH.pt every --save-every epochs), then ckpt.pt."""
+    with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(history[-1]) + '\n')
+    epoch, encoder = history[-1]['epoch'], model.encoder.state_dict()
+    save(encoder, os.path.join(args.out_dir, 'encoder.pt'))
+    if args.save_every and epoch % args.save_every == 0:  # as the authors' ckpt-{epoch}.pth
+        save(encoder, os.path.join(args.out_dir, f'encoder-{epoch}.pt'))
+    save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch, 'args': vars(args),
+          'norm': norm, 'log': history}, os.path.join(args.out_dir, 'ckpt.pt'))
 
 
 if __name__ == '__main__':
