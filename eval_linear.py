@@ -39,54 +39,52 @@ HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food10
 PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
 TEST_POOL_ONLY = {'fc100'}  # few-shot data sets whose episodes come from the test split alone
 ANALYSIS_COLUMNS = ['cca', 'mrr', 'hit1', 'hit5', 'rel_error']
+SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', *ANALYSIS_COLUMNS]
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', help="train.py's ckpt.pt, its encoder.pt, or an official STAR/AugSelf checkpoint "
-                                  "({'backbone': ...})")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.Help)
+    p.add_argument('--ckpt', help="train.py's ckpt.pt or encoder.pt, or an official checkpoint ({'backbone': ...})")
     p.add_argument('--dataset', help=f'stl10, {", ".join(TORCHVISION)}; any other name is an image folder '
-                                     '(--data-dir with train/ and test/ sub-folders of class folders, e.g. mit67)')
-    p.add_argument('--data-dir', default='data', help='torchvision root of the data set (downloads there when '
-                                                      'online), or the image folder (default: %(default)s)')
+                                     '(--data-dir with train/ and test/ of class folders, e.g. mit67)')
+    p.add_argument('--data-dir', default='data', help='torchvision root (downloads there when online) or image folder')
     p.add_argument('--metric', choices=['top1', 'mean-per-class'],
                    help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
-    p.add_argument('--episodes', type=int, default=2000, help='few-shot episodes (default: %(default)s)')
-    p.add_argument('--analyze', action='store_true',
-                   help='redundancy (CCA), equivariance and routing of a train.py ckpt.pt, on the test split')
-    p.add_argument('--summary', action='store_true', help='print the table of linear-probe results in --results')
-    p.add_argument('--results', default='results.jsonl',
-                   help='every run appends a JSON line here (default: %(default)s)')
-    p.add_argument('--cache-dir', default='.cache/features',
-                   help='encoder features per (checkpoint, data set, split) (default: %(default)s)')
-    p.add_argument('--pretrain-data', choices=list(PRETRAIN),
-                   help='size and normalisation of encoders without train.py arguments: stl10 (96 px) or '
-                        'imagenet100 (224 px); default from the architecture (ResNet-50: imagenet100)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cpu, cuda or cuda:N (default: %(default)s)')
+    p.add_argument('--episodes', type=int, default=2000, help='few-shot episodes')
+    p.add_argument('--analyze', action='store_true', help='redundancy (CCA), equivariance and routing of a ckpt.pt')
+    p.add_argument('--summary', action='store_true', help='print the tables of the results in --results')
+    p.add_argument('--results', default='results.jsonl', help='every run appends a JSON line here')
+    p.add_argument('--cache-dir', default='.cache/features', help='encoder features, keyed by all they depend on')
+    p.add_argument('--pretrain-data', choices=list(PRETRAIN), help='size and normalisation of encoders without '
+                   'train.py arguments: stl10 (96 px) or imagenet100 (224 px); default from the architecture')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     args = p.parse_args(argv)
     train.check_device(args.device)
-    train.require(args, few_shot=(1, ''), episodes=(1, ''))
-    if args.summary:
-        return args
+    train.require(args, {'few_shot': 1, 'episodes': 1})
+    if not args.summary:
+        check_task(args)
+    return args
+
+
+def check_task(args):
+    """Refuse, before any work, what cannot run to the end: a missing flag, an unknown data set, unwritable output."""
     if not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
     if os.sep in args.dataset:
         fail(f'--dataset names a data set; give the folder {args.dataset} as --data-dir with any --dataset name')
-    if args.dataset not in TORCHVISION and args.dataset != 'stl10' and not os.path.isdir(f'{args.data_dir}/train'):
+    if args.dataset not in [*TORCHVISION, 'stl10'] and not os.path.isdir(os.path.join(args.data_dir, 'train')):
         fail(f'{args.dataset} is not one of stl10, {", ".join(TORCHVISION)}, and {args.data_dir}/train does not exist '
              'for an image folder (train/ and test/ of class folders)')
-    try:  # fail now, not after the work
+    try:
         os.makedirs(args.cache_dir, exist_ok=True)
         open(args.results, 'a').close()
         if not os.access(args.cache_dir, os.W_OK):
             raise PermissionError(13, 'permission denied')
     except OSError as e:
         fail(f'cannot write --results {args.results} or --cache-dir {args.cache_dir} ({e.strerror}); choose others')
-    return args
 
 
 def load_encoder(path, pretrain_data=None):
@@ -103,8 +101,7 @@ def load_encoder(path, pretrain_data=None):
     try:
         net.load_state_dict(state)
     except RuntimeError:
-        fail(f'{path} holds no torchvision ResNet-18/50 encoder '
-             f'(expected train.py output or {{"backbone": state_dict}})')
+        fail(f'{path} holds no torchvision ResNet-18/50 encoder (expected train.py output or {{"backbone": ...}})')
     if size is None:
         pretrain_data = pretrain_data or ('imagenet100' if arch == 'resnet50' else 'stl10')
         size, norm = PRETRAIN[pretrain_data]
@@ -122,8 +119,7 @@ def load_split(name, root, split, size):
         classes = sorted(e.name for e in os.scandir(os.path.join(root, 'train')) if e.is_dir())
         if not classes:
             fail(f'{root}/train holds no class folders; an image-folder data set is train/ and test/ of class folders')
-        x, y, _ = data.image_folder(os.path.join(root, split), size, classes)
-        return x, y
+        return data.image_folder(os.path.join(root, split), size, classes)[:2]
     cls, kwargs = TORCHVISION[name]
     try:
         transform = functools.partial(data.pil_to_uint8, size=size)
@@ -142,14 +138,13 @@ def sha256(path):
 
 
 def features(args, net, size, norm):
-    """{split: (features, labels)} of the official splits, encoded once (float32, eval mode) and cached under a key
-    of all they depend on: checkpoint, data set and the names, sizes and times of its files, split, size, norm."""
+    """{split: (features, labels)} of the official splits, encoded once and cached under a key of all they depend
+    on: checkpoint, data set and the names, sizes and times of its files, split, size, normalisation, float32."""
     root = os.path.realpath(args.data_dir)
-    files = sorted((os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_size,
-                    os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, fs in os.walk(root) for f in fs)
-    splits = list(TORCHVISION[args.dataset][1]) if args.dataset in TORCHVISION else ['train', 'test']
+    files = sorted((os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                   for p in (os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs))
     out, digest = {}, sha256(args.ckpt)
-    for split in splits:
+    for split in TORCHVISION[args.dataset][1] if args.dataset in TORCHVISION else ['train', 'test']:
         key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32']).encode()
         path = os.path.join(args.cache_dir, f'{args.dataset}-{split}-{hashlib.sha256(key).hexdigest()[:16]}.pt')
         try:
@@ -162,8 +157,8 @@ def features(args, net, size, norm):
 
 
 def random_split(f, y, held_out, seed):
-    """(rest, held-out part) of (f, y), with the indices torch.utils.data.random_split(range(n), [n - held_out,
-    held_out], generator seeded with `seed`) gives: one randperm, the rest first."""
+    """(rest, held-out part) of (f, y) with the indices of torch.utils.data.random_split(range(n), [n - held_out,
+    held_out], generator seeded with `seed`): one randperm, the rest first."""
     i = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n = len(y) - held_out
     return (f[i[:n]], y[i[:n]]), (f[i[n:]], y[i[n:]])
@@ -248,8 +243,7 @@ def episodes(labels, n, k, queries, ways=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     by_class = [i for i in (torch.nonzero(labels == c).squeeze(1) for c in labels.unique()) if len(i) > k]
     if len(by_class) < ways:
-        fail(f'{ways}-way {k}-shot needs {ways} classes with more than {k} images each; this data set has '
-             f'{len(by_class)}')
+        fail(f'{ways}-way {k}-shot needs {ways} classes of more than {k} images; this data set has {len(by_class)}')
     support, query = [], []
     for _ in range(n):
         for c in torch.randperm(len(by_class), generator=g)[:ways]:
@@ -342,8 +336,34 @@ def analyze(args):
             **expert_roles(s_inv, s_eq)}
 
 
-def read_results(path):
-    """The latest result per (checkpoint hash, task, data set, metric), and the count of unreadable lines."""
+def rank(value, values):
+    return sum(v > value for v in values) + (sum(v == value for v in values) + 1) / 2
+
+
+def table(task, rows):
+    """Rows {checkpoint: {column: value}} as text; a linear probe adds the mean and the average rank over the data
+    sets every row has (rank 1 the best; tied values share the mean of their ranks)."""
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))  # analysis: in ANALYSIS_COLUMNS order
+    columns = columns if task == 'analysis' else sorted(columns)
+    common = [c for c in columns if all(c in row for row in rows.values())]
+    if task == 'linear' and common:
+        for row in rows.values():
+            row['mean'] = sum(row[d] for d in common) / len(common)
+            row['avg rank'] = sum(rank(row[d], [o[d] for o in rows.values()]) for d in common) / len(common)
+        columns += ['mean', 'avg rank']
+    width, digits = max(len(n) for n in rows), 3 if task == 'analysis' else 2
+    lines = [f'{task:<{width}} ' + ' '.join(f'{c:>9}' for c in columns)]
+    for name, row in rows.items():
+        cells = [f'{row[c]:{max(9, len(c))}.{digits}f}' if c in row else f'{"-":>{max(9, len(c))}}' for c in columns]
+        lines.append(f'{name:<{width}} ' + ' '.join(cells))
+    return '\n'.join(lines + ([f'mean and avg rank over {", ".join(common)}'] if task == 'linear' else []))
+
+
+def summary(path):
+    """One table per task (linear probe in %, each few-shot setting in %, analysis) of the latest result per
+    (checkpoint hash, task, data set, metric); unreadable lines are skipped and counted."""
+    if not os.path.exists(path):
+        fail(f'no results in {path}; run eval_linear.py on a checkpoint first')
     latest, bad = {}, 0
     with open(path) as f:
         for line in f:
@@ -352,55 +372,21 @@ def read_results(path):
                 latest[r['ckpt_sha256'], r['task'], r['dataset'], r.get('metric')] = r
             except (ValueError, KeyError, TypeError):
                 bad += 1
-    return list(latest.values()), bad
-
-
-def rank(value, values):
-    return sum(v > value for v in values) + (sum(v == value for v in values) + 1) / 2
-
-
-def table(task, rows):
-    """Rows {checkpoint: {column: value}} as text; a linear probe adds the mean and the average rank over the data
-    sets every row has (rank 1 the best; tied values share the mean of their ranks)."""
-    columns = sorted({c for row in rows.values() for c in row})
-    common = [c for c in columns if all(c in row for row in rows.values())]
-    if task == 'linear' and common:
-        for row in rows.values():
-            row['mean'] = sum(row[d] for d in common) / len(common)
-            row['avg rank'] = sum(rank(row[d], [o[d] for o in rows.values()]) for d in common) / len(common)
-        columns += ['mean', 'avg rank']
-    width = max(len(n) for n in rows)
-    lines = [f'{task:<{width}} ' + ' '.join(f'{c[:9]:>9}' for c in columns)]
-    lines += [f'{name:<{width}} ' + ' '.join(f'{row[c]:9.3f}' if c in row else f'{"-":>9}' for c in columns)
-              for name, row in rows.items()]
-    return '\n'.join(lines + ([f'mean and avg rank over {", ".join(common)}'] if task == 'linear' else []))
-
-
-def summary(path):
-    """One table per task (linear probe in %, each few-shot setting in %, analysis); rows are checkpoints by hash."""
-    if not os.path.exists(path):
-        fail(f'no results in {path}; run eval_linear.py on a checkpoint first')
-    results, bad = read_results(path)
     tables = {}
-    for r in results:
-        cells = ({r['dataset']: 100 * r['accuracy']} if 'accuracy' in r else
-                 {f'{k} {r["dataset"]}': r[k] for k in ANALYSIS_COLUMNS if k in r})
-        tables.setdefault(r['task'], {}).setdefault(r['name'], {}).update(cells)
+    for r in latest.values():
+        name = r['name'] if 'accuracy' in r else f'{r["name"]} on {r["dataset"]}'
+        cells = {k: r[k] for k in ANALYSIS_COLUMNS if k in r}
+        cells = {r['dataset']: 100 * r['accuracy']} if 'accuracy' in r else cells
+        tables.setdefault(r['task'], {}).setdefault(name, {}).update(cells)
     out = [table(task, rows) for task, rows in tables.items()]
     return '\n\n'.join(out + ([f'skipped {bad} unreadable lines of {path}'] if bad else []))
 
 
-def describe(r):
-    """One readable line of a result."""
-    if r['task'] == 'linear':
-        n = r['splits']
-        return (f'{r["name"]} on {r["dataset"]}: {100 * r["accuracy"]:.2f}% {r["metric"]} on {n["test"]} test images; '
-                f'w = {r["w"]:.3g} chosen on {n["val"]} val images ({100 * r["val_accuracy"]:.2f}%), fitted on '
-                f'{n["train"]} + {n["val"]}')
-    if r['task'] != 'analysis':
-        return (f'{r["name"]} on {r["dataset"]}, {r["task"]}: {100 * r["accuracy"]:.2f}% +- {100 * r["ci95"]:.2f} '
-                f'over {r["episodes"]} episodes from {r["pool"]} images')
-    return f'{r["name"]} on {r["dataset"]}: ' + ', '.join(f'{k} {r[k]:.3f}' for k in ANALYSIS_COLUMNS if k in r)
+def readable(r):
+    """The result's main numbers on one line, accuracies in %."""
+    cells = [f'{k} {100 * r[k]:.2f}%' if k in ('accuracy', 'val_accuracy', 'ci95') else
+             f'{k} {r[k]:.4g}' if isinstance(r[k], float) else f'{k} {r[k]}' for k in SHOWN if k in r]
+    return f'{r["name"]} on {r["dataset"]}, {r["task"]}: ' + ', '.join(cells)
 
 
 def main(argv=None):
@@ -426,7 +412,7 @@ def main(argv=None):
     result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
               'dataset': args.dataset, **result, 'ckpt': path, 'ckpt_sha256': digest,
               'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
-    print(describe(result))
+    print(readable(result))
     with open(args.results, 'a') as f:
         f.write(json.dumps(result) + '\n')
 

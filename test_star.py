@@ -1,4 +1,5 @@
 """The specification of this implementation: pytest -q test_star.py (CPU, offline, a few minutes on 2 cores)."""
+import fcntl
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import data
@@ -524,8 +526,9 @@ def prepare_case(root, tmp_path, trained, setup):
     run_dir, stl_dir = tmp_path / 'run', tmp_path / 'stl'
     shutil.copytree(os.path.dirname(trained), run_dir)
     shutil.copytree(root, stl_dir)
-    if setup == 'lock':  # a live process (this test) holds the run
-        (run_dir / 'lock').write_text(str(os.getpid()))
+    if setup == 'lock':  # a live process (this test) holds the run's lock
+        prepare_case.held = open(run_dir / 'lock', 'w')
+        fcntl.flock(prepare_case.held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     elif setup == 'list':
         torch.save([1, 2], run_dir / 'ckpt.pt')
     elif setup == 'truncated':
@@ -542,7 +545,7 @@ def prepare_case(root, tmp_path, trained, setup):
 # (setup, command, the one line expected on stderr); every case exits 1 and leaves every file as it was
 MISTAKES = [
     (None, ['train.py', '--epochs', '2'], 'holds a run (ckpt.pt): continue it with --resume'),
-    ('lock', ['train.py', '--epochs', '2', '--resume'], 'another run (process'),
+    ('lock', ['train.py', '--epochs', '2', '--resume'], 'another run is using'),
     (None, ['train.py', '--epochs', '2', '--resume', '--seed', '1'], 'seed: 0 there, 1 here'),
     (None, ['train.py', '--epochs', '2', '--resume', '--batch-size', '8'], 'batch_size: 16 there, 8 here'),
     ('list', ['train.py', '--epochs', '2', '--resume'], 'holds a list, not a checkpoint'),
@@ -590,6 +593,30 @@ def test_everyday_mistake_ends_with_one_line_and_changes_nothing(stl, trained, t
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr
     assert proc.stderr.strip().count('\n') == 0, proc.stderr
     assert snapshot(run_dir) | snapshot(stl_dir) == before
+
+
+def test_overwrite_starts_afresh_and_resume_says_where_it_is(stl, trained, tmp_path):
+    run_dir, stl_dir = prepare_case(stl[0], tmp_path, trained, None)
+    flags = tiny_train_flags(stl_dir, run_dir, '--eval-interval', '0')
+    finished = run(*flags, '--epochs', '1', '--resume')
+    assert finished.returncode == 0 and 'the run is finished (1 of 1 epochs)' in finished.stdout
+    resumed = run(*flags, '--epochs', '2', '--resume')
+    assert 'resuming from epoch 1 of 2' in resumed.stdout and '--resume: epochs was 1, now 2' in resumed.stdout
+    assert [e['epoch'] for e in read_log(run_dir)] == [1, 2]
+    fresh = run(*flags, '--epochs', '1', '--overwrite')
+    assert fresh.returncode == 0 and 'starting of 1' in fresh.stdout
+    assert [e['epoch'] for e in read_log(run_dir)] == [1]
+    assert torch.load(os.path.join(run_dir, 'ckpt.pt'), weights_only=True)['epoch'] == 1
+
+
+def test_ctrl_c_says_how_to_continue(stl, tmp_path):
+    out = str(tmp_path / 'run')
+    proc = subprocess.Popen([sys.executable, *tiny_train_flags(stl[0], out, '--epochs', '50', '--eval-interval', '0')],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not os.path.exists(os.path.join(out, 'ckpt.pt')) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait() == 1 and proc.stderr.read().strip().endswith('error: interrupted; continue with --resume')
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -833,6 +860,49 @@ def trained(stl, tmp_path_factory):
     return os.path.join(out, 'ckpt.pt')
 
 
+def write_folder_dataset(root, splits, seed=0, size=40):
+    """train/ and test/ of class folders: class c is images of brightness about 40 c."""
+    g = torch.Generator().manual_seed(seed)
+    for split, classes, n in splits:
+        for c in classes:
+            os.makedirs(root / split / f'class{c}', exist_ok=True)
+            for i in range(n):
+                img = (torch.rand(3, size, size, generator=g) * 60 + 40 * c).to(torch.uint8)
+                TF.to_pil_image(img).save(root / split / f'class{c}' / f'{i}.png')
+
+
+def test_folder_splits_share_the_training_class_list(tmp_path):
+    write_folder_dataset(tmp_path, [('train', range(4), 2), ('test', [0, 2, 3], 2)])
+    _, y = ev.load_split('shapes', str(tmp_path), 'test', 32)
+    assert y.tolist() == [0, 0, 2, 2, 3, 3]  # class1 is missing from test/, the later labels do not shift
+
+
+def test_folder_images_outside_class_folders_are_refused(tmp_path):
+    write_folder_dataset(tmp_path, [('train', range(2), 2), ('test', [0, 5], 1)])
+    with pytest.raises(SystemExit, match=r'1 images are not in a class folder of the training split \(class5'):
+        ev.load_split('shapes', str(tmp_path), 'test', 32)
+    TF.to_pil_image(torch.zeros(3, 8, 8, dtype=torch.uint8)).save(tmp_path / 'train' / 'stray.png')
+    with pytest.raises(SystemExit, match='stray.png'):
+        ev.load_split('shapes', str(tmp_path), 'train', 32)
+
+
+def test_images_of_any_mode_load_with_their_values(tmp_path):
+    """16-bit grey (PIL would clip it to white), CMYK, palette, RGBA and .tif all come out as 8-bit RGB."""
+    grey16 = Image.fromarray((torch.arange(64).view(8, 8) * 1000).numpy().astype('uint16'))
+    grey16.save(tmp_path / 'a.png')
+    Image.new('CMYK', (8, 8), (0, 255, 0, 0)).save(tmp_path / 'b.jpg')  # no magenta ink: green
+    palette = Image.new('P', (8, 8), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 200] * 128)
+    palette.save(tmp_path / 'c.png')
+    Image.new('RGBA', (8, 8), (30, 60, 90, 128)).save(tmp_path / 'd.png')
+    Image.new('RGB', (8, 8), (5, 250, 5)).save(tmp_path / 'e.tif')
+    x, _, _ = data.image_folder(str(tmp_path), 8)
+    assert len(x) == 5 and x[0, 0].max() == round(63000 * 255 / 65535) and x[0, 0, 0, 0] == 0
+    assert x[1, :, 0, 0].tolist()[1] < 30 and x[1, 0, 0, 0] > 200  # CMYK (0, 255, 0, 0) is red + blue
+    assert x[2, :, 0, 0].tolist() == [10, 20, 200]
+    assert x[3, :, 0, 0].tolist() == [30, 60, 90] and x[4, :, 0, 0].tolist() == [5, 250, 5]
+
+
 def test_feature_cache_follows_the_checkpoint(stl, trained, tmp_path, monkeypatch):
     root, _ = stl
     calls = []
@@ -852,6 +922,50 @@ def test_feature_cache_follows_the_checkpoint(stl, trained, tmp_path, monkeypatc
     net, size, norm = ev.load_encoder(ckpt)
     changed = ev.features(args, net, size, norm)
     assert len(calls) == 4 and not torch.equal(changed['test'][0], first['test'][0])
+
+
+def test_feature_cache_follows_the_data_and_survives_corruption(trained, tmp_path, monkeypatch):
+    folder = tmp_path / 'shapes'
+    write_folder_dataset(folder, [('train', range(2), 2), ('test', range(2), 2)])
+    calls = []
+    encode = train.encode
+    monkeypatch.setattr(train, 'encode', lambda *a, **k: calls.append(1) or encode(*a, **k))
+    args = ev.get_args(['--ckpt', trained, '--dataset', 'shapes', '--data-dir', str(folder), '--device', 'cpu',
+                        '--cache-dir', str(tmp_path / 'cache'), '--results', str(tmp_path / 'r.jsonl')])
+    net, size, norm = ev.load_encoder(trained)
+    ev.features(args, net, size, norm)
+    ev.features(args, net, size, norm)
+    assert len(calls) == 2  # train and test once
+    TF.to_pil_image(torch.zeros(3, 40, 40, dtype=torch.uint8)).save(folder / 'test' / 'class0' / '0.png')
+    changed = ev.features(args, net, size, norm)
+    zero = encode(net, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), norm, torch.device('cpu'))[0]
+    assert len(calls) == 4 and torch.allclose(changed['test'][0][0], zero, atol=1e-5)  # the new image
+    for f in os.listdir(tmp_path / 'cache'):
+        (tmp_path / 'cache' / f).write_bytes(b'garbage')
+    again = ev.features(args, net, size, norm)
+    assert torch.equal(again['test'][0], changed['test'][0])
+
+
+def test_summary_keys_rows_by_checkpoint_hash(stl, trained, tmp_path):
+    common = ['--results', str(tmp_path / 'r.jsonl'), '--cache-dir', str(tmp_path / 'cache'), '--data-dir', stl[0]]
+    os.symlink(os.path.dirname(trained), tmp_path / 'link')
+    for ckpt in [trained, os.path.relpath(trained, HERE), str(tmp_path / 'link' / 'ckpt.pt')]:
+        assert run('eval_linear.py', '--ckpt', ckpt, '--dataset', 'stl10', *common).returncode == 0
+    record = read_jsonl(tmp_path / 'r.jsonl')[0]
+    with open(tmp_path / 'r.jsonl', 'a') as f:
+        f.write('{"partial": \n')
+    assert record['ckpt'] == trained and record['image_size'] == 32 and record['splits']['test'] == 20
+    assert record['args']['dataset'] == 'stl10' and record['norm'] == [list(v) for v in data.STL10_NORM]
+    lines = run('eval_linear.py', '--summary', *common).stdout.splitlines()
+    assert len(lines) == 5 and lines[-1] == f'skipped 1 unreadable lines of {tmp_path / "r.jsonl"}'
+
+
+def test_summary_ranks_over_the_data_sets_every_row_has():
+    rows = {'a': {'x': 50.0, 'y': 10.0}, 'b': {'x': 40.0, 'y': 20.0, 'z': 99.0}}
+    text = ev.table('linear', rows).splitlines()
+    assert text[-1] == 'mean and avg rank over x, y'
+    assert rows['a']['mean'] == rows['b']['mean'] == 30.0 and rows['a']['avg rank'] == rows['b']['avg rank'] == 1.5
+    assert text[1].split()[-3] == '-'  # a has no z
 
 
 def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):

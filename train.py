@@ -1,10 +1,13 @@
 """STAR pretraining. The paper's STL-10 recipe is the default: python train.py --dataset stl10
 On G devices (DDP, SyncBatchNorm, negatives from all processes): torchrun --nproc_per_node=G train.py ..."""
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
+import re
 import time
 
 import torch
@@ -19,28 +22,28 @@ from losses import AllReduce, nt_xent
 from model import STAR
 
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
-RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'device', 'eval_interval', 'save_every', 'resume', 'overwrite', 'out_dir')
+RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'eval_interval', 'save_every', 'resume',
+             'overwrite')
+
+
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's lines and shows each flag's default."""
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--dataset', choices=['stl10', 'folder'], default='stl10',
-                   help='stl10: STL-10 train+unlabeled (105k images, downloaded into --data-dir when online); '
-                        'folder: every image below --data-dir')
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p.add_argument('--dataset', choices=['stl10', 'folder'], default='stl10', help='stl10: STL-10 train+unlabeled '
+                   '(105k images, downloaded into --data-dir when online); folder: every image below --data-dir')
     p.add_argument('--data-dir', default='data', help='holds stl10_binary/ for stl10; the image folder for folder')
-    p.add_argument('--out-dir', default='out',
-                   help='ckpt.pt (resumable), encoder.pt (torchvision ResNet weights), log.jsonl')
+    p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt (torchvision weights), log.jsonl')
     p.add_argument('--arch', choices=['resnet18', 'resnet50'], default='resnet18', help='torchvision encoder')
-    p.add_argument('--heads', choices=['star', 'shared', 'separate'], default='star',
-                   help='star: N soft-routed experts; shared: STAR-SS (E_inv+E_sh, E_eq+E_sh); separate: EquiMod-style')
-    p.add_argument('--experts', type=int, help='number of experts N of --heads star (default 16); the other heads '
-                                               'have fixed experts')
-    p.add_argument('--eq-weight', type=float, default=1.0,
-                   help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR baseline: one head, no x0 pass, no psi/phi')
-    p.add_argument('--jitter', choices=['official', 'torchvision'], default='official',
-                   help="colour jitter semantics: official = kornia 0.4.1's, as the authors' code (brightness adds, "
-                        'contrast scales, HSV saturation and hue; one order per view batch); torchvision = '
-                        "torchvision's adjust_* with one order per image")
+    p.add_argument('--heads', choices=['star', 'shared', 'separate'], default='star', help='star: N soft-routed '
+                   'experts; shared: STAR-SS (E_inv + E_sh, E_eq + E_sh); separate: EquiMod-style')
+    p.add_argument('--experts', type=int, help='number of experts N of --heads star (16 if not given)')
+    p.add_argument('--eq-weight', type=float, default=1.0, help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR '
+                   'baseline: one head, no x0 pass, no psi/phi')
+    p.add_argument('--jitter', choices=['official', 'torchvision'], default='official', help="colour jitter: "
+                   "official: kornia 0.4.1's, as the authors' code; torchvision: its adjust_*, one order per image")
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
     p.add_argument('--epochs', type=int, default=200, help='epochs; the cosine schedule spans all of them')
     p.add_argument('--save-every', type=int, default=10, help='keep encoder-EPOCH.pt every this many epochs; 0: never')
@@ -56,33 +59,26 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.experts is not None and args.heads != 'star':
         fail(f'--experts sets N for --heads star; --heads {args.heads} has fixed experts (drop --experts)')
-    if args.eq_weight == 0:
-        args.heads = 'simclr'  # one head, no equivariant task
+    args.heads = 'simclr' if args.eq_weight == 0 else args.heads  # one head, no equivariant task
     args.experts = (args.experts or 16) if args.heads == 'star' else None
-    require(args, batch_size=(2, 'NT-Xent needs negatives'), experts=(2, 'a router over one expert is no routing'),
-            image_size=(32, 'the ResNet encoder downsamples by 32'), epochs=(1, ''), save_every=(0, ''),
-            eval_interval=(0, ''), eq_weight=(0, ''), wd=(0, ''), lr=(0, 'above'), tau=(0, 'above'))
+    require(args, {'batch_size': 2, 'experts': 2, 'image_size': 32, 'epochs': 1, 'save_every': 0,
+                   'eval_interval': 0, 'eq_weight': 0, 'wd': 0}, {'lr': 0, 'tau': 0})
     check_device(args.device)
     return args
 
 
-def require(args, **bounds):
-    """One line and exit 1 unless every flag's value is finite and at least its bound (above it, for 'above')."""
-    for name, (low, why) in bounds.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= low and (value > low or why != 'above')):
-            rule = f'above {low}' if why == 'above' else f'at least {low}' + (f': {why}' if why else '')
-            fail(f'--{name.replace("_", "-")} must be {rule} (got {value})')
+def require(args, at_least, above=()):
+    """One line and exit 1 unless every flag's value is finite and at least (or above) its bound."""
+    for name, low in [*at_least.items(), *dict(above).items()]:
+        value, strict = getattr(args, name), name in above
+        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
+            fail(f'--{name.replace("_", "-")} must be {"above" if strict else "at least"} {low} (got {value})')
 
 
 def check_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', name):
         fail(f'--device {name}: expected cpu, cuda or cuda:N')
-    if device.type == 'cuda' and not torch.cuda.is_available():
+    if name.startswith('cuda') and not torch.cuda.is_available():
         fail(f'--device {name}: CUDA is not available here; use --device cpu')
 
 
@@ -183,55 +179,41 @@ def start_processes(args):
 
 
 def open_run(args, rank):
-    """Check --out-dir, hold its lock (rank 0), and return the checkpoint to resume from (None for a new run)."""
+    """The checkpoint to resume from (None for a new run). A run in --out-dir is never replaced by accident, and a
+    resume refuses changed flags other than RESUMABLE ones, whose changes it prints."""
     path = os.path.join(args.out_dir, 'ckpt.pt')
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        writable = os.access(args.out_dir, os.W_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        fail(f'cannot write to --out-dir {args.out_dir}; choose a writable folder')
     if os.path.exists(path) and not (args.resume or args.overwrite):
         fail(f'{args.out_dir} holds a run (ckpt.pt): continue it with --resume, replace it with --overwrite, '
              'or choose another --out-dir')
-    ckpt = load_checkpoint(path) if args.resume else None
-    if ckpt:
-        check_resumable(ckpt, args, path, rank)
-    if rank == 0:
-        lock(os.path.join(args.out_dir, 'lock'))
-    return ckpt
-
-
-def check_resumable(ckpt, args, path, rank):
-    """Refuse a checkpoint of another kind or trained with other flags; print the flags a resume may change."""
+    if not args.resume:
+        return None
+    ckpt = load_checkpoint(path)
     if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
-    old, new = ckpt['args'], vars(args)
-    changed = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
-    if any(k not in RESUMABLE for k in changed):
-        diff = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
-        fail(f'--resume: {path} was trained with other flags ({diff}); pass its flags, --overwrite, or a new --out-dir')
+    changed = {k: (ckpt['args'].get(k), v) for k, v in vars(args).items() if ckpt['args'].get(k) != v}
+    refused = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
+    if refused:
+        fail(f'--resume: {path} was trained with other flags ({refused}); pass its flags, --overwrite, or a new '
+             '--out-dir')
     for k, (a, b) in changed.items():
         if k not in ('resume', 'overwrite') and rank == 0:
             print(f'--resume: {k} was {a}, now {b}')
+    return ckpt
 
 
-def lock(path):
-    """Hold `path` (this process's id) for the run's life: a live run's lock refuses a second run on the folder."""
+def lock(out_dir):
+    """An OS lock on OUT_DIR/lock, held while the returned file is open and released even if the process is killed:
+    a second run on the folder is refused."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        with open(path) as f:
-            pid = f.read().strip()
-        try:
-            os.kill(int(pid), 0)  # raises unless the process lives
-            fail(f'another run (process {pid}) is using {os.path.dirname(path)}; wait for it or use another --out-dir')
-        except (ValueError, ProcessLookupError):
-            os.remove(path)  # left by a run that was killed
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, 'lock'), 'w')
+    except OSError:
+        fail(f'cannot write to --out-dir {out_dir}; choose a writable folder')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f'another run is using {out_dir}; wait for it to end or choose another --out-dir')
+    return f
 
 
 def load_data(args):
@@ -245,28 +227,26 @@ def load_data(args):
 
 
 def train_epoch(net, opt, images, epoch, args, run):
-    """One epoch over `images`; returns the mean loss terms and each router's mean weights."""
-    steps, device = len(images) // args.batch_size, run['device']
+    """One epoch over `images`; returns the mean loss terms, the learning rate and each router's mean weights."""
+    steps, rank, world = len(images) // args.batch_size, run['rank'], run['world']
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(hash((args.seed, epoch))))
     sums, routing = torch.zeros(2), 0
-    lr = lr_at(args, epoch)  # the schedule: constant within an epoch
-    for group in opt.param_groups:
-        group['lr'] = lr
-    for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=run['rank'] > 0)):
+    for group in opt.param_groups:  # the schedule: constant within an epoch
+        group['lr'] = lr_at(args, epoch)
+    for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
         # this step's global batch and augmentations, a function of (seed, epoch, step); this process's share
         g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
         p, order = data.sample_views(args.batch_size, args.image_size, g, args.jitter)
-        idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], run['rank'], run['world'])
-        p, order = (shard(x.transpose(0, 1), run['rank'], run['world']).transpose(0, 1) for x in (p, order))
+        idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], rank, world)
+        p, order = (shard(x.transpose(0, 1), rank, world).transpose(0, 1) for x in (p, order))
         # forward and the loss L = L_inv + lambda L_eq
-        l_inv, l_eq, out = objective(net, images[idx].to(device), p, order, run, args.tau)
+        l_inv, l_eq, out = objective(net, images[idx].to(run['device']), p, order, run, args.tau)
         loss = l_inv + args.eq_weight * l_eq
         # stop on a non-finite loss, before anything of this epoch is saved
         terms = torch.stack([l_inv, l_eq]).detach()
-        if run['world'] > 1:
+        if world > 1:
             dist.all_reduce(terms)
-            terms /= run['world']
-        terms = terms.cpu()
+        terms = terms.cpu() / world
         if not terms.isfinite().all():
             fail(f'non-finite loss at epoch {epoch + 1} step {step + 1}: L_inv {terms[0]:.4g}, L_eq {terms[1]:.4g}; '
                  f'nothing was saved for this epoch; lower --lr or check the data')
@@ -276,8 +256,8 @@ def train_epoch(net, opt, images, epoch, args, run):
         opt.step()
         sums += terms
         routing = routing + torch.stack([out[s].detach().float().mean(0) for s in ('s_inv', 's_eq') if s in out]).cpu()
-        bar.set_postfix(L_inv=f'{terms[0]:.3f}', L_eq=f'{terms[1]:.3f}', lr=f'{lr:.4f}')
-    return {'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr,
+        bar.set_postfix(L_inv=f'{terms[0]:.3f}', L_eq=f'{terms[1]:.3f}')
+    return {'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr_at(args, epoch),
             'routing': dict(zip(['inv', 'eq'], (routing / steps).tolist()))}
 
 
@@ -285,21 +265,18 @@ def main(argv=None):
     args = get_args(argv)
     world, rank, device = start_processes(args)
     ckpt = open_run(args, rank)
-    try:
-        pretrain(args, ckpt, world, rank, device)
-    except KeyboardInterrupt:
-        fail('interrupted; continue with --resume')
-    finally:
-        if rank == 0:
-            os.remove(os.path.join(args.out_dir, 'lock'))
-        if world > 1:
-            dist.destroy_process_group()
+    with lock(args.out_dir) if rank == 0 else contextlib.nullcontext():
+        try:
+            pretrain(args, ckpt, world, rank, device)
+        except KeyboardInterrupt:
+            fail('interrupted; continue with --resume')
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
 
 
 def pretrain(args, ckpt, world, rank, device):
-    torch.backends.cudnn.benchmark = True
-    log_path = os.path.join(args.out_dir, 'log.jsonl')
-    start = ckpt['epoch'] if ckpt else 0
+    start, history = (ckpt['epoch'], ckpt['log']) if ckpt else (0, [])
     if start >= args.epochs:
         return print(f'{args.out_dir}: the run is finished ({start} of {args.epochs} epochs); raise --epochs to go on')
     images, norm, monitor = load_data(args)
@@ -311,18 +288,17 @@ def pretrain(args, ckpt, world, rank, device):
 
     # model, optimiser, and the state to resume from
     torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True
     bn = (torch.nn.SyncBatchNorm if device.type == 'cuda' else CPUSyncBatchNorm) if world > 1 else None
     model = STAR(args.arch, args.heads, args.experts, bn).to(device)
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last) if device.type == 'cuda' else model
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
     if ckpt:
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
     net = DistributedDataParallel(model) if world > 1 else model
-    history = ckpt['log'] if ckpt else []
     if rank == 0:  # the log holds the checkpoint's epochs (none for a new run); later lines are redone
-        with open(log_path, 'w') as f:
+        with open(os.path.join(args.out_dir, 'log.jsonl'), 'w') as f:
             f.writelines(json.dumps(e) + '\n' for e in history)
         print(f'{"resuming from epoch " + str(start) if ckpt else "starting"} of {args.epochs}: {args.dataset}, '
               f'{len(images)} images, {steps} steps of {args.batch_size} per epoch, {device} '
