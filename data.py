@@ -116,9 +116,9 @@ def normalize(x, norm):
 
 # ---- augmentations: sample the parameters of every view, then apply them (a pure function of images and parameters)
 
-def sample(n, size, g, jitter='official'):
-    """Parameters (n x 11, fields FIELDS) and colour-jitter orders (n x 4) of n views of size x size images: one
-    order for the whole batch under official jitter (kornia's ColorJitter), one per image under torchvision's."""
+def sample(n, size, g):
+    """Parameters (n x 11, fields FIELDS) of a batch of n views of size x size images, and the order of its colour
+    operations (4 indices into JITTER): one order per batch, as kornia's ColorJitter draws it."""
     area = size * size * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # RandomResizedCrop, 10 attempts
     ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
@@ -134,13 +134,13 @@ def sample(n, size, g, jitter='official'):
     factors = torch.where(jittered, torch.cat([bcs, hue], 1), IDENTITY)
     gray = (torch.rand(n, generator=g) < 0.2).float()
     sigma = torch.where(torch.rand(n, generator=g) < 0.5, torch.empty(n).uniform_(0.1, 2.0, generator=g), 0.0)
-    order = torch.rand(1 if jitter == 'official' else n, 4, generator=g).argsort(1).expand(n, -1)
+    order = torch.randperm(4, generator=g)
     return torch.cat([torch.stack([top, left, h, w, flip], 1), factors, torch.stack([gray, sigma], 1)], 1), order
 
 
-def sample_views(b, size, g, jitter):
-    """Parameters (2 x b x 11) and jitter orders (2 x b x 4) of two views of b images, each view batch drawn alone."""
-    p, order = zip(*(sample(b, size, g, jitter) for _ in range(2)))
+def sample_views(b, size, g):
+    """Parameters (2 x b x 11) and jitter orders (2 x 4) of two views of b images, each view batch drawn alone."""
+    p, order = zip(*(sample(b, size, g) for _ in range(2)))
     return torch.stack(p), torch.stack(order)
 
 
@@ -162,38 +162,18 @@ def crop_flip(x, p):
     return F.grid_sample(x, (2 * grid + 1) / size - 1, mode='bilinear', padding_mode='border', align_corners=False)
 
 
-def grayscale(x, weights=(0.2989, 0.587, 0.114)):  # torchvision's weights; kornia's are 0.299, 0.587, 0.110
-    return (weights[0] * x[:, 0] + weights[1] * x[:, 1] + weights[2] * x[:, 2]).unsqueeze(1)
-
-
-def blend(x, y, f):
-    return torch.lerp(y, x, f.view(-1, 1, 1, 1)).clamp_(0, 1)  # f x + (1 - f) y
-
+# Colour jitter with kornia 0.4.1's semantics, as the authors' code applies it: brightness adds f - 1, contrast
+# multiplies every pixel by f (both clamped to [0, 1]), saturation scales HSV's S, hue rotates HSV's H.
 
 def brightness(x, f):
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
-
-
-def contrast(x, f):
-    return blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
-
-
-def saturation(x, f):
-    return blend(x, grayscale(x), f)
-
-
-# kornia 0.4.1's colour jitter, as the authors' code applies it: brightness adds f - 1, contrast scales every pixel,
-# saturation scales HSV's S (clamped to [0, 1]), hue rotates HSV's H as above
-
-def add_brightness(x, f):
     return (x + f.view(-1, 1, 1, 1) - 1).clamp_(0, 1)
 
 
-def scale_contrast(x, f):
-    return brightness(x, f)  # the same clamped product as torchvision's brightness
+def contrast(x, f):
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def hsv_saturation(x, f):
+def saturation(x, f):
     """S = c / v times f, clamped to 1, with value v = max and chroma c = max - min kept at v: the channels move
     towards v, each to v - min(f, v / c) (v - x)."""
     v = x.amax(1, keepdim=True)
@@ -228,20 +208,22 @@ def gaussian_blur(x, sigma):
     return x
 
 
-# the colour operations of each semantics, in the order of their factors (FIELDS brightness .. hue), and grayscale
-JITTER = {'official': ([add_brightness, scale_contrast, hsv_saturation, hue], (0.299, 0.587, 0.110)),
-          'torchvision': ([brightness, contrast, saturation, hue], (0.2989, 0.587, 0.114))}
+def grayscale(x, _):
+    gray = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.110 * x[:, 2]  # kornia's weights
+    return gray.unsqueeze(1).expand_as(x)
 
 
-def augment(x, p, order, jitter):
-    """Apply views' parameters p (n x 11) to float images x in [0, 1]: crop+flip, jitter in `order`, gray, blur."""
+JITTER = [brightness, contrast, saturation, hue]  # in the order of their factors in FIELDS
+
+
+def augment(x, p, order):
+    """Apply a view batch's parameters p (n x 11) to float images x in [0, 1]: crop and flip, colour jitter in
+    `order`, grayscale, blur."""
     x = crop_flip(x, p)
-    ops, gray = JITTER[jitter]
-    for step in range(4):
-        for op, fn in enumerate(ops):  # only the samples whose factor moves them, so identity is exact
-            f = p[:, COL['brightness'] + op]
-            x = apply_to(x, (order[:, step] == op) & (f != IDENTITY[op]), fn, f)
-    x = apply_to(x, p[:, COL['gray']] > 0, lambda y, _: grayscale(y, gray).expand_as(y), p[:, COL['gray']])
+    for op in order.tolist():  # each operation only on the samples it moves, so the identity is exact
+        f = p[:, COL['brightness'] + op]
+        x = apply_to(x, f != IDENTITY[op], JITTER[op], f)
+    x = apply_to(x, p[:, COL['gray']] > 0, grayscale, p[:, COL['gray']])
     return apply_to(x, p[:, COL['sigma']] > 0, gaussian_blur, p[:, COL['sigma']])
 
 
@@ -253,11 +235,11 @@ def apply_to(x, mask, fn, factor):
     return x
 
 
-def make_views(images, p, order, norm, stats, jitter):
+def make_views(images, p, order, norm, stats):
     """The pairing the method needs: x0 (normalised original), views v1, v2 and standardised parameters a1, a2.
-    images: uint8 (B x 3 x S x S) on the device; p: 2 x B x 11 and order: 2 x B x 4 from `sample_views`."""
+    images: uint8 (B x 3 x S x S) on the device; p: 2 x B x 11 and order: 2 x 4 from `sample_views`."""
     x = images.float().div(255)
     mean, std = (s.to(x.device) for s in stats)
-    p, order = p.to(x.device), order.to(x.device)
-    v1, v2 = (normalize(augment(x, p[i], order[i], jitter), norm) for i in range(2))
+    p = p.to(x.device)
+    v1, v2 = (normalize(augment(x, p[i], order[i]), norm) for i in range(2))
     return normalize(x, norm), v1, v2, (p[0] - mean) / std, (p[1] - mean) / std

@@ -38,7 +38,8 @@ HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food10
             'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50)}
 PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
 TEST_POOL_ONLY = {'fc100'}  # few-shot data sets whose episodes come from the test split alone
-ANALYSIS_COLUMNS = ['cca', 'mrr', 'hit1', 'hit5', 'rel_error']
+ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'cca_views', 'erank_inv', 'erank_eq', 'mrr', 'chance_mrr', 'hit1',
+                    'rel_error']
 SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', *ANALYSIS_COLUMNS]
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
@@ -276,36 +277,37 @@ def few_shot(f, y, k, n, device, queries=16, chunk=100):
 
 
 def cca(x, y, ridge=1e-6):
-    """Mean canonical correlation between paired rows of x and y: singular values of Cxx^-1/2 Cxy Cyy^-1/2, with a
-    ridge of `ridge` times the mean variance added to Cxx and Cyy for stability."""
+    """Canonical correlations between paired rows of x and y, largest first: singular values of
+    Cxx^-1/2 Cxy Cyy^-1/2, with `ridge` times the mean variance added to Cxx and Cyy for stability."""
     x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
 
     def inv_sqrt(c):
         e, v = torch.linalg.eigh(c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype))
         return v @ torch.diag(e.rsqrt()) @ v.T
-    return torch.linalg.svdvals(inv_sqrt(x.T @ x) @ (x.T @ y) @ inv_sqrt(y.T @ y)).mean().item()
+    return torch.linalg.svdvals(inv_sqrt(x.T @ x) @ (x.T @ y) @ inv_sqrt(y.T @ y))
 
 
-def reciprocal_ranks(queries, gallery, true):
-    """1 / rank of gallery row true[i] among all gallery rows by cosine similarity to query i (ties rank low)."""
-    queries, gallery = F.normalize(queries, dim=1), F.normalize(gallery, dim=1)
-    ranks = []
-    for q, t in zip(queries.split(1024), true.split(1024)):
-        sim = q @ gallery.T
-        ranks.append((sim > sim.gather(1, t[:, None])).sum(1) + 1)
-    return 1 / torch.cat(ranks).float()
+def effective_rank(z):
+    """exp of the entropy of the normalised singular values of centred z: the number of dimensions in use."""
+    s = torch.linalg.svdvals(z.double() - z.double().mean(0))
+    p = s[s > 0] / s.sum()
+    return torch.exp(-(p * p.log()).sum()).item()
 
 
-def expert_roles(s_inv, s_eq):
-    """Experts that both routers weight at least uniformly (shared), and those only one router does."""
-    inv, eq = s_inv >= 1 / len(s_inv), s_eq >= 1 / len(s_eq)
-    return {name: torch.nonzero(m).flatten().tolist()
-            for name, m in [('shared_experts', inv & eq), ('inv_experts', inv & ~eq), ('eq_experts', ~inv & eq)]}
+def reciprocal_rank(sim):
+    """Expected 1 / rank of each row's diagonal entry of sim (... x M x M) and the chance it ranks first, ties broken
+    at random: (H(g + e) - H(g)) / e and [g = 0] / e, with g entries above it, e equal (itself included)."""
+    d = sim.diagonal(dim1=-2, dim2=-1)[..., None]
+    g, e = (sim > d).sum(-1).double(), (sim == d).sum(-1).double()
+    return (torch.digamma(g + e + 1) - torch.digamma(g + 1)) / e, (g == 0) / e
 
 
 @torch.no_grad()
-def analyze(args):
-    """Redundancy, equivariance and routing of a train.py checkpoint on held-out images."""
+def analyze(args, views=16):
+    """Redundancy: canonical correlations between z_inv and z_eq of the test images and of views, with each
+    embedding's effective rank. Equivariance: each prediction z_hat ranks the true view among `views` views of the
+    same image (MRR, hit@1; chance MRR beside), and its relative error |z_hat - z| / |z|. Routing: each router's mean
+    weight per expert."""
     ckpt = train.load_checkpoint(args.ckpt)
     if 'args' not in ckpt or ckpt['args']['heads'] == 'simclr':
         fail(f'--analyze needs a train.py ckpt.pt with an equivariant head; {args.ckpt} is not one')
@@ -315,25 +317,28 @@ def analyze(args):
     model.to(device).eval()
     images, _ = load_split(args.dataset, args.data_dir, 'test', a['image_size'])
     stats, g = data.param_stats(a['image_size']), torch.Generator().manual_seed(0)
-    parts = {k: [] for k in ['z_inv', 'z_eq', 's_inv', 's_eq', 'z_hat', 'target']}
+    parts = {k: [] for k in ['z_inv', 'z_eq', 's_inv', 's_eq', 'z_inv_view', 'z_eq_view', 'z_hat', 'target']}
     for x in tqdm(images.split(256), desc='analysing', leave=False):
-        p, order = data.sample_views(len(x), a['image_size'], g, a['jitter'])
-        views = data.make_views(x.to(device), p, order, ckpt['norm'], stats, a['jitter'])
-        original, out = model.embed(views[0]), model(*views)
+        original = model.embed(data.normalize(x.to(device).float() / 255, ckpt['norm']))
+        outs = []
+        for _ in range(views // 2):  # views in pairs, through the model's own forward pass
+            p, order = data.sample_views(len(x), a['image_size'], g)
+            outs.append(model(*data.make_views(x.to(device), p, order, ckpt['norm'], stats)))
         for k in ['z_inv', 'z_eq', 's_inv', 's_eq']:
-            parts[k].append(original[k].float().cpu())
-        parts['z_hat'].append(torch.cat(out['z_hat']).float().cpu())
-        parts['target'].append(torch.cat(out['z_eq']).float().cpu())
-    r = {k: torch.cat(v) for k, v in parts.items()}
-    # each batch's predictions are [view 1; view 2] in the order of its targets
-    mrr = reciprocal_ranks(r['z_hat'], r['target'], torch.arange(len(r['target'])))
-    rank = 1 / mrr
-    s_inv, s_eq = r['s_inv'].mean(0), r['s_eq'].mean(0)
-    rel_error = (r['z_hat'] - r['target']).norm(dim=1) / r['target'].norm(dim=1)
-    return {'cca': cca(r['z_inv'], r['z_eq']), 'mrr': mrr.mean().item(), 'hit1': (rank <= 1).float().mean().item(),
-            'hit5': (rank <= 5).float().mean().item(), 'gallery': len(r['target']),
-            'rel_error': rel_error.mean().item(), 'routing_inv': s_inv.tolist(), 'routing_eq': s_eq.tolist(),
-            **expert_roles(s_inv, s_eq)}
+            parts[k].append(original[k].cpu())
+        parts['z_inv_view'].append(outs[0]['z_inv'][0].cpu())
+        parts['z_eq_view'].append(outs[0]['z_eq'][0].cpu())
+        parts['z_hat'].append(torch.stack([z for out in outs for z in out['z_hat']], 1).cpu())  # B x views x 128
+        parts['target'].append(torch.stack([z for out in outs for z in out['z_eq']], 1).cpu())
+    r = {k: torch.cat(v).float() for k, v in parts.items()}
+    reciprocal, hit1 = reciprocal_rank(F.normalize(r['z_hat'], dim=2) @ F.normalize(r['target'], dim=2).mT)
+    corr, corr_views = cca(r['z_inv'], r['z_eq']), cca(r['z_inv_view'], r['z_eq_view'])
+    return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), 'cca_views': corr_views.mean().item(),
+            'erank_inv': effective_rank(r['z_inv']), 'erank_eq': effective_rank(r['z_eq']),
+            'mrr': reciprocal.mean().item(), 'hit1': hit1.mean().item(),
+            'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views, 'views': views,
+            'rel_error': ((r['z_hat'] - r['target']).norm(dim=2) / r['target'].norm(dim=2)).mean().item(),
+            'routing_inv': r['s_inv'].mean(0).tolist(), 'routing_eq': r['s_eq'].mean(0).tolist()}
 
 
 def rank(value, values):

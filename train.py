@@ -42,8 +42,6 @@ def get_args(argv=None):
     p.add_argument('--experts', type=int, help='number of experts N of --heads star (16 if not given)')
     p.add_argument('--eq-weight', type=float, default=1.0, help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR '
                    'baseline: one head, no x0 pass, no psi/phi')
-    p.add_argument('--jitter', choices=['official', 'torchvision'], default='official', help="colour jitter: "
-                   "official: kornia 0.4.1's, as the authors' code; torchvision: its adjust_*, one order per image")
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
     p.add_argument('--epochs', type=int, default=200, help='epochs; the cosine schedule spans all of them')
     p.add_argument('--save-every', type=int, default=10, help='keep encoder-EPOCH.pt every this many epochs; 0: never')
@@ -124,7 +122,7 @@ def knn_top1(train, train_y, test, test_y):
 
 def objective(net, images, p, order, run, tau):
     """L_inv and L_eq of one batch (L_eq = 0 for SimCLR), and the forward pass's named parts."""
-    views = data.make_views(images, p, order, run['norm'], run['stats'], run['jitter'])
+    views = data.make_views(images, p, order, run['norm'], run['stats'])
     if images.is_cuda:
         views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):  # bf16 on GPUs
@@ -236,9 +234,9 @@ def train_epoch(net, opt, images, epoch, args, run):
     for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
         # this step's global batch and augmentations, a function of (seed, epoch, step); this process's share
         g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
-        p, order = data.sample_views(args.batch_size, args.image_size, g, args.jitter)
+        p, order = data.sample_views(args.batch_size, args.image_size, g)
         idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], rank, world)
-        p, order = (shard(x.transpose(0, 1), rank, world).transpose(0, 1) for x in (p, order))
+        p = shard(p.transpose(0, 1), rank, world).transpose(0, 1)
         # forward and the loss L = L_inv + lambda L_eq
         l_inv, l_eq, out = objective(net, images[idx].to(run['device']), p, order, run, args.tau)
         loss = l_inv + args.eq_weight * l_eq
@@ -283,8 +281,7 @@ def pretrain(args, ckpt, world, rank, device):
     steps = len(images) // args.batch_size
     if steps == 0:
         fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
-    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(args.image_size),
-           'jitter': args.jitter}
+    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(args.image_size)}
 
     # model, optimiser, and the state to resume from
     torch.manual_seed(args.seed)

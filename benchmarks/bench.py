@@ -44,13 +44,14 @@ def main():
     device, b, s = torch.device(args.device), args.batch_size, args.image_size
     images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)
     stats = data.param_stats(s)
-    params, order = (t.view(2, b, -1) for t in data.sample(2 * b, s, torch.Generator().manual_seed(0)))
+    params, order = data.sample_views(b, s, torch.Generator().manual_seed(0))
+    run = {'norm': data.STL10_NORM, 'stats': stats}
 
-    def step_fn(model, equivariant):
+    def step_fn(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step():
-            l_inv, l_eq, _ = train.objective(model, images.to(device), params, order, data.STL10_NORM, stats, 0.2, equivariant)
+            l_inv, l_eq, _ = train.objective(model, images.to(device), params, order, run, 0.2)
             opt.zero_grad()
             (l_inv + l_eq).backward()
             opt.step()
@@ -58,20 +59,20 @@ def main():
 
     torch.manual_seed(0)
     star = STAR('resnet18', 'star', args.experts).to(device)
-    simclr = STAR('resnet18', 'star', args.experts, equivariant=False).to(device)
+    simclr = STAR('resnet18', 'simclr').to(device)
     if device.type == 'cuda':
         star, simclr = star.to(memory_format=torch.channels_last), simclr.to(memory_format=torch.channels_last)
-    t_star, t_simclr = timed(step_fn(star, True), device, args.repeats), timed(step_fn(simclr, False), device, args.repeats)
+    t_star, t_simclr = timed(step_fn(star), device, args.repeats), timed(step_fn(simclr), device, args.repeats)
 
     # the heads alone: the same work on fixed encoder features of the three inputs
     h = [torch.randn(b, 512, device=device) for _ in range(3)]
     a = [torch.randn(b, 11, device=device) for _ in range(2)]
 
     def heads_step():
-        with train.autocast(device):
-            (z1, _), (z2, _), (z0, _) = (star.heads(x) for x in h)
-            z_hat = torch.cat([star.predict(z0[1], a[0]), star.predict(z0[1], a[1])])
-        (nt_xent(z1[0], z2[0]) + nt_xent(torch.cat([z1[1], z2[1]]), z_hat)).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            e1, e2, e0 = (star.heads(x) for x in h)
+            z_hat = torch.cat([star.shift(e0['z_eq'], a[0]), star.shift(e0['z_eq'], a[1])])
+        (nt_xent(e1['z_inv'], e2['z_inv']) + nt_xent(torch.cat([e1['z_eq'], e2['z_eq']]), z_hat)).backward()
     t_heads = timed(heads_step, device, args.repeats)
 
     pil = T.Compose([T.RandomResizedCrop(s, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
@@ -80,7 +81,7 @@ def main():
                      T.ToTensor(), T.Normalize(*data.STL10_NORM)])
     pil_images = [T.functional.to_pil_image(x) for x in images]
     t_pil = timed(lambda: [torch.stack([pil(x) for x in pil_images]) for _ in range(2)], device, args.repeats)
-    t_batched = timed(lambda: data.make_views(images.to(device), *(t.view(2, b, -1) for t in data.sample(2 * b, s, torch.Generator())),
+    t_batched = timed(lambda: data.make_views(images.to(device), *data.sample_views(b, s, torch.Generator()),
                                               data.STL10_NORM, stats), device, args.repeats)
 
     print(f'device {device}, batch {b}, {s} px, ResNet-18, {args.experts} experts, median of {args.repeats}')
