@@ -906,6 +906,21 @@ def test_folder_images_outside_class_folders_are_refused(tmp_path):
         ev.load_split('shapes', str(tmp_path), 'train', 32)
 
 
+def test_folder_without_class_folders_is_refused(tmp_path):
+    os.makedirs(tmp_path / 'train')
+    TF.to_pil_image(torch.zeros(3, 8, 8, dtype=torch.uint8)).save(tmp_path / 'train' / 'a.png')
+    with pytest.raises(SystemExit, match='holds no class folders'):
+        ev.load_split('shapes', str(tmp_path), 'train', 32)
+
+
+def test_unwritable_cache_dir_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    with pytest.raises(SystemExit, match='cannot write --results'):
+        ev.get_args(['--ckpt', 'c', '--dataset', 'stl10', '--cache-dir', str(blocker / 'cache'),
+                     '--results', str(tmp_path / 'r.jsonl')])
+
+
 def test_images_of_any_mode_load_with_their_values(tmp_path):
     """16-bit grey (PIL would clip it to white), CMYK, palette, RGBA and .tif all come out as 8-bit RGB."""
     grey16 = Image.fromarray((torch.arange(64).view(8, 8) * 1000).numpy().astype('uint16'))
