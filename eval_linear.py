@@ -142,8 +142,8 @@ def features(args, net, size, norm):
     """{split: (features, labels)} of the official splits, encoded once and cached under a key of all they depend
     on: checkpoint, data set and the names, sizes and times of its files, split, size, normalisation, float32."""
     root = os.path.realpath(args.data_dir)
-    files = sorted((os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-                   for p in (os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs))
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+    files = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p, st in zip(paths, map(os.stat, paths))]
     out, digest = {}, sha256(args.ckpt)
     for split in TORCHVISION[args.dataset][1] if args.dataset in TORCHVISION else ['train', 'test']:
         key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32']).encode()
@@ -319,11 +319,12 @@ def analyze(args, views=16):
     stats, g = data.param_stats(a['image_size']), torch.Generator().manual_seed(0)
     parts = {k: [] for k in ['z_inv', 'z_eq', 's_inv', 's_eq', 'z_inv_view', 'z_eq_view', 'z_hat', 'target']}
     for x in tqdm(images.split(256), desc='analysing', leave=False):
-        original = model.embed(data.normalize(x.to(device).float() / 255, ckpt['norm']))
+        x = x.to(device)
+        original = model.embed(data.normalize(x.float() / 255, ckpt['norm']))
         outs = []
         for _ in range(views // 2):  # views in pairs, through the model's own forward pass
             p, order = data.sample_views(len(x), a['image_size'], g)
-            outs.append(model(*data.make_views(x.to(device), p, order, ckpt['norm'], stats)))
+            outs.append(model(*data.make_views(x, p, order, ckpt['norm'], stats)))
         for k in ['z_inv', 'z_eq', 's_inv', 's_eq']:
             parts[k].append(original[k].cpu())
         parts['z_inv_view'].append(outs[0]['z_inv'][0].cpu())

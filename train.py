@@ -228,9 +228,9 @@ def train_epoch(net, opt, images, epoch, args, run):
     """One epoch over `images`; returns the mean loss terms, the learning rate and each router's mean weights."""
     steps, rank, world = len(images) // args.batch_size, run['rank'], run['world']
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(hash((args.seed, epoch))))
-    sums, routing = torch.zeros(2), 0
+    sums, routing, lr = torch.zeros(2), 0, lr_at(args, epoch)
     for group in opt.param_groups:  # the schedule: constant within an epoch
-        group['lr'] = lr_at(args, epoch)
+        group['lr'] = lr
     for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
         # this step's global batch and augmentations, a function of (seed, epoch, step); this process's share
         g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
@@ -255,7 +255,7 @@ def train_epoch(net, opt, images, epoch, args, run):
         sums += terms
         routing = routing + torch.stack([out[s].detach().float().mean(0) for s in ('s_inv', 's_eq') if s in out]).cpu()
         bar.set_postfix(L_inv=f'{terms[0]:.3f}', L_eq=f'{terms[1]:.3f}')
-    return {'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr_at(args, epoch),
+    return {'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr,
             'routing': dict(zip(['inv', 'eq'], (routing / steps).tolist()))}
 
 
