@@ -18,7 +18,7 @@ from tqdm import tqdm
 import data
 import train
 from data import fail
-from model import STAR, encoder
+from model import STAR, Shift, encoder
 
 # name: (torchvision class, keyword arguments of each official split); 'all' marks a data set with no official split
 TORCHVISION = {
@@ -38,9 +38,11 @@ HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food10
             'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50)}
 PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
 TEST_POOL_ONLY = {'fc100'}  # few-shot data sets whose episodes come from the test split alone
-ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'cca_views', 'erank_inv', 'erank_eq', 'mrr', 'chance_mrr', 'hit1',
-                    'rel_error']
-SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', *ANALYSIS_COLUMNS]
+ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr', 'frozen_hit1',
+                    'frozen_pre', 'r2_all']
+GROUPS = {'crop': [0, 1, 2, 3], 'flip': [4], 'colour': [5, 6, 7, 8], 'gray': [9], 'blur': [10], 'all': list(range(11))}
+SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'chance_mrr',
+         *ANALYSIS_COLUMNS]
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 
@@ -55,7 +57,8 @@ def get_args(argv=None):
                    help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
     p.add_argument('--episodes', type=int, default=2000, help='few-shot episodes')
-    p.add_argument('--analyze', action='store_true', help='redundancy (CCA), equivariance and routing of a ckpt.pt')
+    p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; with a '
+                   'ckpt.pt of an equivariant head also redundancy (CCA), its own predictor and routing')
     p.add_argument('--summary', action='store_true', help='print the tables of the results in --results')
     p.add_argument('--results', default='results.jsonl', help='every run appends a JSON line here')
     p.add_argument('--cache-dir', default='.cache/features', help='encoder features, keyed by all they depend on')
@@ -294,52 +297,90 @@ def effective_rank(z):
     return torch.exp(-(p * p.log()).sum()).item()
 
 
-def reciprocal_rank(sim):
-    """Expected 1 / rank of each row's diagonal entry of sim (... x M x M) and the chance it ranks first, ties broken
-    at random: (H(g + e) - H(g)) / e and [g = 0] / e, with g entries above it, e equal (itself included)."""
-    d = sim.diagonal(dim1=-2, dim2=-1)[..., None]
+def equivariance(pred, target):
+    """Each prediction (N x M x d) ranks the true view among the M views of its image by cosine similarity, ties
+    broken at random in expectation (g views above the true one, e tied with it, itself included): MRR
+    (H(g + e) - H(g)) / e, hit@k clamp((k - g) / e, 0, 1), and PRE, the mean |pred - target| / |target|."""
+    sim = F.normalize(pred, dim=2) @ F.normalize(target, dim=2).mT
+    d = sim.diagonal(dim1=1, dim2=2)[..., None]
     g, e = (sim > d).sum(-1).double(), (sim == d).sum(-1).double()
-    return (torch.digamma(g + e + 1) - torch.digamma(g + 1)) / e, (g == 0) / e
+    return {'mrr': ((torch.digamma(g + e + 1) - torch.digamma(g + 1)) / e).mean().item(),
+            **{f'hit{k}': ((k - g) / e).clamp(0, 1).mean().item() for k in (1, 5)},
+            'pre': ((pred - target).norm(dim=2) / target.norm(dim=2)).mean().item()}
+
+
+def ridge_r2(x, y, x_test, y_test, ridge=1e-3):
+    """R^2 on test, per parameter group and overall, of a ridge regression from x to y fitted on (x, y): x
+    standardised, penalty ridge * n |W|^2, intercept unpenalised."""
+    x, y, x_test, y_test = (t.double() for t in (x, y, x_test, y_test))
+    mean, std, y_mean = x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0)
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    w = torch.linalg.solve(x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (y - y_mean))
+    res, tot = (x_test @ w + y_mean - y_test).pow(2).sum(0), (y_test - y_test.mean(0)).pow(2).sum(0)
+    return {f'r2_{group}': (1 - res[i].sum() / tot[i].sum()).item() for group, i in GROUPS.items()}
+
+
+def fit_predictor(h0, h_v, a, epochs=10, seed=0):
+    """A shift predictor h(v) ~ h(x0) + phi([h(x0); psi(a)]) of the model's shape at the encoder's width, trained on
+    frozen features by mean squared error (Adam, lr 1e-3, batches of 256)."""
+    torch.manual_seed(seed)
+    predictor, (n, m) = Shift(h0.shape[1]), a.shape[:2]
+    opt = torch.optim.Adam(predictor.parameters(), lr=1e-3)
+    for _ in tqdm(range(epochs), desc='fitting the predictor', leave=False):
+        for i in torch.randperm(n * m).split(256):
+            loss = F.mse_loss(predictor(h0[i // m], a.flatten(0, 1)[i]), h_v.flatten(0, 1)[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return predictor.eval()
+
+
+def view_features(net, images, norm, device, stats, views, seed=0):
+    """Frozen features h(x0) (N x d) and h(v) of `views` views of each image (N x views x d), drawn by the training
+    augmentation (one jitter order per view), and the views' standardised parameters a (N x views x 11)."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [data.sample(len(images), images.shape[-1], g) for _ in range(views)]
+    h_v = torch.stack([train.encode(net, images, norm, device, *d) for d in tqdm(draws, desc='views', leave=False)], 1)
+    a = (torch.stack([p for p, _ in draws], 1) - stats[0]) / stats[1]
+    return train.encode(net, images, norm, device), h_v, a
 
 
 @torch.no_grad()
-def analyze(args, views=16):
-    """Redundancy: canonical correlations between z_inv and z_eq of the test images and of views, with each
-    embedding's effective rank. Equivariance: each prediction z_hat ranks the true view among `views` views of the
-    same image (MRR, hit@1; chance MRR beside), and its relative error |z_hat - z| / |z|. Routing: each router's mean
-    weight per expert."""
-    ckpt = train.load_checkpoint(args.ckpt)
-    if 'args' not in ckpt or ckpt['args']['heads'] == 'simclr':
-        fail(f'--analyze needs a train.py ckpt.pt with an equivariant head; {args.ckpt} is not one')
-    a, device = ckpt['args'], torch.device(args.device)
-    model = STAR(a['arch'], a['heads'], a['experts'])
+def model_analysis(ckpt, h0, h_v, a):
+    """What a train.py model with an equivariant head adds on the test features: redundancy between z_inv and z_eq
+    (CCA of the originals and of the first views, effective ranks), its own shift predictor's ranking in
+    embedding space, and each router's mean weight per expert."""
+    model = STAR(ckpt['args']['arch'], ckpt['args']['heads'], ckpt['args']['experts'])
     model.load_state_dict(ckpt['model'])
-    model.to(device).eval()
-    images, _ = load_split(args.dataset, args.data_dir, 'test', a['image_size'])
-    stats, g = data.param_stats(a['image_size']), torch.Generator().manual_seed(0)
-    parts = {k: [] for k in ['z_inv', 'z_eq', 's_inv', 's_eq', 'z_inv_view', 'z_eq_view', 'z_hat', 'target']}
-    for x in tqdm(images.split(256), desc='analysing', leave=False):
-        x = x.to(device)
-        original = model.embed(data.normalize(x.float() / 255, ckpt['norm']))
-        outs = []
-        for _ in range(views // 2):  # views in pairs, through the model's own forward pass
-            p, order = data.sample_views(len(x), a['image_size'], g)
-            outs.append(model(*data.make_views(x, p, order, ckpt['norm'], stats)))
-        for k in ['z_inv', 'z_eq', 's_inv', 's_eq']:
-            parts[k].append(original[k].cpu())
-        parts['z_inv_view'].append(outs[0]['z_inv'][0].cpu())
-        parts['z_eq_view'].append(outs[0]['z_eq'][0].cpu())
-        parts['z_hat'].append(torch.stack([z for out in outs for z in out['z_hat']], 1).cpu())  # B x views x 128
-        parts['target'].append(torch.stack([z for out in outs for z in out['z_eq']], 1).cpu())
-    r = {k: torch.cat(v).float() for k, v in parts.items()}
-    reciprocal, hit1 = reciprocal_rank(F.normalize(r['z_hat'], dim=2) @ F.normalize(r['target'], dim=2).mT)
-    corr, corr_views = cca(r['z_inv'], r['z_eq']), cca(r['z_inv_view'], r['z_eq_view'])
-    return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), 'cca_views': corr_views.mean().item(),
-            'erank_inv': effective_rank(r['z_inv']), 'erank_eq': effective_rank(r['z_eq']),
-            'mrr': reciprocal.mean().item(), 'hit1': hit1.mean().item(),
-            'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views, 'views': views,
-            'rel_error': ((r['z_hat'] - r['target']).norm(dim=2) / r['target'].norm(dim=2)).mean().item(),
-            'routing_inv': r['s_inv'].mean(0).tolist(), 'routing_eq': r['s_eq'].mean(0).tolist()}
+    z, z1 = model.eval().heads(h0), model.heads(h_v[:, 0])
+    z_eq = torch.stack([model.heads(h)['z_eq'] for h in h_v.unbind(1)], 1)
+    z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
+    corr = cca(z['z_inv'], z['z_eq'])
+    return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), **equivariance(z_hat, z_eq),
+            'cca_views': cca(z1['z_inv'], z1['z_eq']).mean().item(),
+            'erank_inv': effective_rank(z['z_inv']), 'erank_eq': effective_rank(z['z_eq']),
+            'routing_inv': z['s_inv'].mean(0).tolist(), 'routing_eq': z['s_eq'].mean(0).tolist()}
+
+
+def analyze(args, views=16):
+    """Equivariance of any encoder's frozen features, fitted on train and scored on test: the ridge R^2 of the
+    parameters from [h(x0); h(v)], and a trained predictor's ranking of the true view among `views` views of the
+    same image (chance MRR beside). A train.py checkpoint with an equivariant head adds model_analysis."""
+    if 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
+        fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
+    net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
+    net, stats = net.to(args.device), data.param_stats(size)
+    (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size)[0], norm,
+                                                  args.device, stats, views) for split in ('train', 'test'))
+    pairs = [torch.cat([x.unsqueeze(1).expand_as(v), v], 2).flatten(0, 1) for x, v in ((h0, h_v), (t0, t_v))]
+    out = {'views': views, 'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views,
+           **ridge_r2(pairs[0], a.flatten(0, 1), pairs[1], t_a.flatten(0, 1))}
+    predictor = fit_predictor(h0, h_v, a)
+    with torch.no_grad():
+        t_hat = torch.stack([predictor(t0, a_m) for a_m in t_a.unbind(1)], 1)
+    out |= {f'frozen_{k}': v for k, v in equivariance(t_hat, t_v).items()}
+    ckpt = train.load_checkpoint(args.ckpt)
+    return out | (model_analysis(ckpt, t0, t_v, t_a) if ckpt.get('args', {}).get('heads', 'simclr') != 'simclr' else {})
 
 
 def rank(value, values):

@@ -75,8 +75,20 @@ class Heads(nn.Module):
         return out
 
 
+class Shift(nn.Module):
+    """Shift predictor of width d: z_hat = z0 + phi([z0; psi(a)]), psi: Linear(11, d), phi: MLP 2d-512-512-d."""
+
+    def __init__(self, d=EMBED, bn=nn.BatchNorm1d):
+        super().__init__()
+        self.psi = nn.Linear(N_PARAMS, d)
+        self.phi = Experts(1, 2 * d, d, hidden=512, bn=bn)  # an expert-shaped MLP with 512 hidden units
+
+    def forward(self, z0, a):
+        return z0 + self.phi(torch.cat([z0, self.psi(a)], 1))[:, 0]
+
+
 class STAR(nn.Module):
-    """Encoder f, heads, and for the equivariant task psi: Linear(11, 128) and phi: MLP 256-512-512-128."""
+    """Encoder f, heads, and for the equivariant task the shift predictor (psi, phi) in embedding space."""
 
     def __init__(self, arch='resnet18', heads='star', n_experts=16, bn=None):
         """heads: star, shared, separate or simclr (no equivariant task); bn: the BatchNorm class of every layer
@@ -87,12 +99,7 @@ class STAR(nn.Module):
         self.heads = Heads(heads, d, n_experts, bn)
         self.equivariant = heads != 'simclr'
         if self.equivariant:
-            self.psi = nn.Linear(N_PARAMS, EMBED)
-            self.phi = Experts(1, 2 * EMBED, EMBED, hidden=512, bn=bn)  # an expert-shaped MLP with 512 hidden units
-
-    def shift(self, z0, a):
-        """Shift predictor: z_hat = z0 + phi([z0; psi(a)])."""
-        return z0 + self.phi(torch.cat([z0, self.psi(a)], 1))[:, 0]
+            self.shift = Shift(EMBED, bn)
 
     def embed(self, x):
         return self.heads(self.encoder(x))

@@ -312,7 +312,7 @@ def test_fixed_heads_mix_experts_as_the_paper():
 def test_shift_predictor_is_residual():
     torch.manual_seed(0)
     model = STAR('resnet18', 'star', 4)
-    nn.init.zeros_(model.phi.w3), nn.init.zeros_(model.phi.b3)
+    nn.init.zeros_(model.shift.phi.w3), nn.init.zeros_(model.shift.phi.b3)
     z0, a = torch.randn(6, 128), torch.randn(6, 11)
     assert torch.equal(model.shift(z0, a), z0)  # z_hat = z0 + phi([z0; psi(a)]) with phi = 0
 
@@ -329,9 +329,9 @@ def test_forward_wires_the_paper():
     s_eq0 = model.heads.router_eq(h0).softmax(1)
     z0 = (s_eq0[:, :, None] * e0).sum(1)
     assert torch.allclose(out['z0'], z0, atol=1e-5)
-    phi = model.phi
+    phi = model.shift.phi
     for z_hat, a in zip(out['z_hat'], (a1, a2)):
-        y = torch.cat([z0, model.psi(a)], 1)
+        y = torch.cat([z0, model.shift.psi(a)], 1)
         y = phi.bn1(y @ phi.w1[0]).relu()
         y = phi.bn2(y @ phi.w2[0]).relu()
         assert torch.allclose(z_hat, z0 + y @ phi.w3[0] + phi.b3[0], atol=1e-5)
@@ -361,10 +361,10 @@ def test_encoder_initialisation_is_the_authors():
             assert m.weight.abs().max() <= bound, name
             assert abs(m.weight.std() / bound - 3 ** -0.5) < 0.05 * 3 ** -0.5 + 0.1 * (m.weight.numel() < 1000), name
     assert all((block.bn2.weight == 0).all() for layer in [model.encoder.layer1, model.encoder.layer4] for block in layer)
-    for linear in [model.heads.router_inv, model.psi]:
+    for linear in [model.heads.router_inv, model.shift.psi]:
         bound = linear.in_features ** -0.5
         assert linear.weight.abs().max() <= bound and linear.bias.abs().max() <= bound
-    assert model.heads.experts.w1.abs().max() <= 512 ** -0.5 and model.phi.w1.abs().max() <= 256 ** -0.5
+    assert model.heads.experts.w1.abs().max() <= 512 ** -0.5 and model.shift.phi.w1.abs().max() <= 256 ** -0.5
 
 
 def test_forward_encodes_original_first():
@@ -817,15 +817,43 @@ def test_cca_is_invariant_to_invertible_linear_maps():
     assert abs(ev.cca(x @ a, mixed @ a.T + 5).mean() - ev.cca(x, mixed).mean()) < 1e-3 and ev.cca(x, mixed).mean() > 0.5
 
 
-def test_reciprocal_rank_is_one_for_an_exact_predictor_and_chance_for_a_constant():
-    z = torch.nn.functional.normalize(torch.randn(5, 16, 8), dim=2)
-    exact, hit = ev.reciprocal_rank(z @ z.mT)
-    assert torch.allclose(exact, torch.ones(5, 16, dtype=torch.double)) and (hit == 1).all()
-    constant, hit = ev.reciprocal_rank(torch.ones(5, 16, 16))
-    assert torch.allclose(constant, torch.full((5, 16), sum(1 / k for k in range(1, 17)) / 16, dtype=torch.double))
-    assert torch.allclose(hit, torch.full((5, 16), 1 / 16, dtype=torch.double))
-    sim = torch.tensor([[0.9, 0.5, 0.95]])  # the true view second of three
-    assert ev.reciprocal_rank(sim[:, None].expand(1, 3, 3).clone())[0][0, 0].item() == pytest.approx(0.5)
+def test_ranking_is_one_for_an_exact_predictor_and_chance_for_a_constant():
+    z = torch.randn(5, 16, 8)
+    exact = ev.equivariance(z, z)
+    assert exact['mrr'] == pytest.approx(1) and exact['hit1'] == exact['hit5'] == 1 and exact['pre'] == 0
+    constant = ev.equivariance(torch.ones(5, 16, 8), torch.ones(5, 16, 8))  # every view ties with the true one
+    assert constant['mrr'] == pytest.approx(sum(1 / k for k in range(1, 17)) / 16)
+    assert constant['hit1'] == pytest.approx(1 / 16) and constant['hit5'] == pytest.approx(5 / 16)
+    pred = torch.tensor([[[1.0, 0.0]] * 3])
+    target = torch.tensor([[[0.9, 0.1], [1.0, 0.3], [1.0, 0.0]]])  # for the first prediction the true view is 2nd
+    ranked = ev.equivariance(pred[:, :1].expand(1, 3, 2), target)
+    assert ranked['pre'] == pytest.approx(((0.1 ** 2 + 0.1 ** 2) ** 0.5 / (0.82 ** 0.5) + 0.3 / 1.09 ** 0.5) / 3)
+    assert ranked['mrr'] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3) and ranked['hit1'] == pytest.approx(1 / 3)
+
+
+def test_parameter_regression_r2_is_one_when_features_hold_the_parameters_and_zero_otherwise():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 11, generator=g)
+    mix = torch.randn(11, 40, generator=g)
+    written = a @ mix + 0.01 * torch.randn(4000, 40, generator=g)  # a synthetic encoder that writes a in
+    r2 = ev.ridge_r2(written[:3000], a[:3000], written[3000:], a[3000:], ridge=1e-6)
+    assert set(r2) == {f'r2_{k}' for k in ['crop', 'flip', 'colour', 'gray', 'blur', 'all']}
+    assert min(r2.values()) > 0.99
+    independent = ev.ridge_r2(torch.randn(4000, 40, generator=g)[:3000], a[:3000], torch.randn(1000, 40, generator=g),
+                              a[3000:])
+    assert all(abs(v) < 0.05 for v in independent.values())
+
+
+def test_frozen_predictor_learns_a_transformation_the_features_encode():
+    g = torch.Generator().manual_seed(0)
+    shift = torch.randn(11, 16, generator=g)
+    h0, a = torch.randn(300, 16, generator=g), torch.randn(300, 8, 11, generator=g)
+    h_v = h0[:, None] + a @ shift  # each view's features move with its parameters
+    predictor = ev.fit_predictor(h0[:200], h_v[:200], a[:200], epochs=30)
+    with torch.no_grad():
+        pred = torch.stack([predictor(h0[200:], a_m) for a_m in a[200:].unbind(1)], 1)
+    learned, chance = ev.equivariance(pred, h_v[200:]), sum(1 / k for k in range(1, 9)) / 8
+    assert learned['mrr'] > 0.9 > chance + 0.5 and learned['pre'] < 0.3
 
 
 def test_effective_rank_counts_the_dimensions_in_use():
@@ -1024,6 +1052,7 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     assert results[1]['accuracy'] > 0.9  # brightness separates the five classes
     analysis = results[3]
     assert analysis['views'] == 16 and 1 / 16 <= analysis['mrr'] <= 1 and analysis['hit1'] <= analysis['mrr']
+    assert analysis['hit1'] <= analysis['hit5'] and 1 / 16 <= analysis['frozen_mrr'] <= 1 and analysis['r2_all'] <= 1
     assert analysis['chance_mrr'] == pytest.approx(sum(1 / k for k in range(1, 17)) / 16)
     assert 0 <= analysis['cca'] <= analysis['cca_top10'] <= 1 and abs(sum(analysis['routing_eq']) - 1) < 1e-4
     assert 1 <= analysis['erank_inv'] <= 20 and len(analysis['routing_inv']) == 4  # 20 test images, 4 experts
@@ -1035,6 +1064,17 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     assert float(row[2]) == pytest.approx((float(row[0]) + float(row[1])) / 2, abs=0.01) and float(row[3]) == 1
     assert table[2] == 'mean and avg rank over shapes, stl10'
     assert table[4].split() == ['5-way', '1-shot', 'shapes'] and table[7].startswith('analysis')
+
+
+def test_analysis_of_an_encoder_without_heads_measures_its_frozen_features(stl, trained, tmp_path):
+    root, _ = stl
+    results = tmp_path / 'results.jsonl'
+    ev.main(['--ckpt', os.path.join(os.path.dirname(trained), 'encoder.pt'), '--dataset', 'stl10', '--data-dir', root,
+             '--analyze', '--results', str(results), '--cache-dir', str(tmp_path / 'cache')])
+    r = read_jsonl(results)[0]
+    assert 'cca' not in r and 'mrr' not in r and 'routing_inv' not in r  # no heads: frozen metrics only
+    assert 1 / 16 <= r['frozen_mrr'] <= 1 and r['frozen_hit1'] <= r['frozen_hit5'] and r['frozen_pre'] > 0
+    assert r['r2_all'] <= 1 and set(r) >= {'r2_crop', 'r2_flip', 'r2_colour', 'r2_gray', 'r2_blur'}
 
 
 def test_missing_transfer_data_set_offline_one_line(tmp_path, monkeypatch):

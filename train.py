@@ -104,12 +104,15 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
 
 @torch.no_grad()
-def encode(encoder, images, norm, device, batch=256):
-    """Pooled encoder features of uint8 images: eval mode, float32, no augmentation; on the CPU."""
+def encode(encoder, images, norm, device, p=None, order=None, batch=256):
+    """Pooled encoder features of uint8 images, or of their views given parameters p (N x 11) and jitter order: eval
+    mode, float32; on the CPU."""
     encoder.eval()
     feats = []
     for i in tqdm(range(0, len(images), batch), desc='encoding', leave=False):
-        feats.append(encoder(data.normalize(images[i:i + batch].to(device).float().div(255), norm)).cpu())
+        x = images[i:i + batch].to(device).float().div(255)
+        x = x if p is None else data.augment(x, p[i:i + batch].to(device), order)
+        feats.append(encoder(data.normalize(x, norm)).cpu())
     return torch.cat(feats)
 
 
