@@ -13,8 +13,6 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 STL10_NORM = ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))  # the STL-10 normalisation of the paper's recipe
-STL10_FILES = {'train': ['train'], 'test': ['test'], 'unlabeled': ['unlabeled'],
-               'train+unlabeled': ['train', 'unlabeled']}
 FIELDS = ['top', 'left', 'height', 'width', 'flip', 'brightness', 'contrast', 'saturation', 'hue', 'gray', 'sigma']
 COL = {f: i for i, f in enumerate(FIELDS)}  # the column of each field in a parameter vector
 IDENTITY = torch.tensor([1.0, 1.0, 1.0, 0.0])  # colour jitter factors when jitter is not applied
@@ -33,9 +31,9 @@ def resize_crop(images, size):
 
 
 def stl10(root, split, size=96):
-    """STL-10 from `root/stl10_binary/*.bin` as (uint8 N x 3 x size x size, int64 labels; -1 when unlabelled)."""
-    folder = os.path.join(root, 'stl10_binary')
-    parts = STL10_FILES[split]
+    """STL-10's split (train, test, unlabeled, train+unlabeled) from `root/stl10_binary/*.bin` as (uint8
+    N x 3 x size x size, int64 labels; -1 when unlabelled)."""
+    folder, parts = os.path.join(root, 'stl10_binary'), split.split('+')
     names = [f'{part}_X.bin' for part in parts] + [f'{part}_y.bin' for part in parts if part != 'unlabeled']
     missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
     if missing:

@@ -77,11 +77,10 @@ def check_task(args):
     """Refuse, before any work, what cannot run to the end: a missing flag, an unknown data set, unwritable output."""
     if not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
-    if os.sep in args.dataset:
-        fail(f'--dataset names a data set; give the folder {args.dataset} as --data-dir with any --dataset name')
-    if args.dataset not in [*TORCHVISION, 'stl10'] and not os.path.isdir(os.path.join(args.data_dir, 'train')):
-        fail(f'{args.dataset} is not one of stl10, {", ".join(TORCHVISION)}, and {args.data_dir}/train does not exist '
-             'for an image folder (train/ and test/ of class folders)')
+    if os.sep in args.dataset or (args.dataset not in [*TORCHVISION, 'stl10'] and
+                                  not os.path.isdir(os.path.join(args.data_dir, 'train'))):
+        fail(f'--dataset {args.dataset}: not one of stl10, {", ".join(TORCHVISION)}, nor a name for the image folder '
+             f'--data-dir {args.data_dir} (which needs train/ and test/ of class folders)')
     try:
         os.makedirs(args.cache_dir, exist_ok=True)
         open(args.results, 'a').close()

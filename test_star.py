@@ -563,8 +563,8 @@ BAD_VALUES = [  # (script, flags, the one line expected)
     (ev, ['--ckpt', 'c', '--dataset', 'stl10', '--few-shot', '0'], '--few-shot must be at least 1'),
     (ev, ['--ckpt', 'c', '--dataset', 'stl10', '--few-shot', '-1'], '--few-shot must be at least 1'),
     (ev, ['--ckpt', 'c', '--dataset', 'stl10', '--episodes', '0'], '--episodes must be at least 1'),
-    (ev, ['--ckpt', 'c', '--dataset', 'a/b'], '--dataset names a data set'),
-    (ev, ['--ckpt', 'c', '--dataset', 'cifar11', '--data-dir', '/nonexistent'], 'cifar11 is not one of stl10, cifar10'),
+    (ev, ['--ckpt', 'c', '--dataset', 'a/b'], '--dataset a/b: not one of stl10, cifar10'),
+    (ev, ['--ckpt', 'c', '--dataset', 'cifar11', '--data-dir', '/nonexistent'], '--dataset cifar11: not one of stl10'),
 ]
 
 

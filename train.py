@@ -208,12 +208,11 @@ def lock(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
         f = open(os.path.join(out_dir, 'lock'), 'w')
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f'another run is using {out_dir}; wait for it to end or choose another --out-dir')
     except OSError:
         fail(f'cannot write to --out-dir {out_dir}; choose a writable folder')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fail(f'another run is using {out_dir}; wait for it to end or choose another --out-dir')
     return f
 
 
