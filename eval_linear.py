@@ -81,6 +81,8 @@ def check_task(args):
                                   not os.path.isdir(os.path.join(args.data_dir, 'train'))):
         fail(f'--dataset {args.dataset}: not one of stl10, {", ".join(TORCHVISION)}, nor a name for the image folder '
              f'--data-dir {args.data_dir} (which needs train/ and test/ of class folders)')
+    if args.analyze and 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
+        fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
     try:
         os.makedirs(args.cache_dir, exist_ok=True)
         open(args.results, 'a').close()
@@ -365,8 +367,6 @@ def analyze(args, views=16):
     """Equivariance of any encoder's frozen features, fitted on train and scored on test: the ridge R^2 of the
     parameters from [h(x0); h(v)], and a trained predictor's ranking of the true view among `views` views of the
     same image (chance MRR beside). A train.py checkpoint with an equivariant head adds model_analysis."""
-    if 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
-        fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
     net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
     net, stats = net.to(args.device), data.param_stats(size)
     (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size)[0], norm,

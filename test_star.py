@@ -565,6 +565,7 @@ BAD_VALUES = [  # (script, flags, the one line expected)
     (ev, ['--ckpt', 'c', '--dataset', 'stl10', '--episodes', '0'], '--episodes must be at least 1'),
     (ev, ['--ckpt', 'c', '--dataset', 'a/b'], '--dataset a/b: not one of stl10, cifar10'),
     (ev, ['--ckpt', 'c', '--dataset', 'cifar11', '--data-dir', '/nonexistent'], '--dataset cifar11: not one of stl10'),
+    (ev, ['--ckpt', 'c', '--dataset', 'sun397', '--analyze'], 'sun397 has no official ones'),
 ]
 
 
@@ -1064,6 +1065,9 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     assert float(row[2]) == pytest.approx((float(row[0]) + float(row[1])) / 2, abs=0.01) and float(row[3]) == 1
     assert table[2] == 'mean and avg rank over shapes, stl10'
     assert table[4].split() == ['5-way', '1-shot', 'shapes'] and table[7].startswith('analysis')
+    assert table[7].split() == ['analysis', *ev.ANALYSIS_COLUMNS] and table[8].startswith(f'{name} on stl10')
+    assert [float(v) for v in table[8].split()[-len(ev.ANALYSIS_COLUMNS):]] == pytest.approx(
+        [analysis[c] for c in ev.ANALYSIS_COLUMNS], abs=5e-4)
 
 
 def test_analysis_of_an_encoder_without_heads_measures_its_frozen_features(stl, trained, tmp_path):
