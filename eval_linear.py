@@ -354,7 +354,7 @@ def model_analysis(ckpt, h0, h_v, a):
     model = STAR(ckpt['args']['arch'], ckpt['args']['heads'], ckpt['args']['experts'])
     model.load_state_dict(ckpt['model'])
     z, z1 = model.eval().heads(h0), model.heads(h_v[:, 0])
-    z_eq = torch.stack([model.heads(h)['z_eq'] for h in h_v.unbind(1)], 1)
+    z_eq = torch.stack([model.heads(h)['z_eq'] for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)], 1)
     z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
     corr = cca(z['z_inv'], z['z_eq'])
     return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), **equivariance(z_hat, z_eq),
