@@ -103,10 +103,7 @@ def load_encoder(path, pretrain_data=None):
     state = {k.removeprefix('module.'): v for k, v in state.items() if not k.startswith('fc.')}
     arch = 'resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18'
     net, _ = encoder(arch)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError:
-        fail(f'{path} holds no torchvision ResNet-18/50 encoder (expected train.py output or {{"backbone": ...}})')
+    train.load_weights(net, state, path)
     if size is None:
         pretrain_data = pretrain_data or ('imagenet100' if arch == 'resnet50' else 'stl10')
         size, norm = PRETRAIN[pretrain_data]
@@ -347,12 +344,10 @@ def view_features(net, images, norm, device, stats, views, seed=0):
 
 
 @torch.no_grad()
-def model_analysis(ckpt, h0, h_v, a):
+def model_analysis(model, h0, h_v, a):
     """What a train.py model with an equivariant head adds on the test features: redundancy between z_inv and z_eq
     (CCA of the originals and of the first views, effective ranks), its own shift predictor's ranking in
     embedding space, and each router's mean weight per expert."""
-    model = STAR(ckpt['args']['arch'], ckpt['args']['heads'], ckpt['args']['experts'])
-    model.load_state_dict(ckpt['model'])
     z, z1 = model.eval().heads(h0), model.heads(h_v[:, 0])
     z_eq = torch.stack([model.heads(h)['z_eq'] for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)], 1)
     z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
@@ -368,6 +363,10 @@ def analyze(args, views=16):
     parameters from [h(x0); h(v)], and a trained predictor's ranking of the true view among `views` views of the
     same image (chance MRR beside). A train.py checkpoint with an equivariant head adds model_analysis."""
     net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
+    ckpt, model = train.load_checkpoint(args.ckpt), None
+    if ckpt.get('args', {}).get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
+        model = STAR(ckpt['args']['arch'], ckpt['args']['heads'], ckpt['args']['experts'])
+        train.load_weights(model, ckpt['model'], args.ckpt)
     net, stats = net.to(args.device), data.param_stats(size)
     (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size)[0], norm,
                                                   args.device, stats, views) for split in ('train', 'test'))
@@ -378,8 +377,7 @@ def analyze(args, views=16):
     with torch.no_grad():
         t_hat = torch.stack([predictor(t0, a_m) for a_m in t_a.unbind(1)], 1)
     out |= {f'frozen_{k}': v for k, v in equivariance(t_hat, t_v).items()}
-    ckpt = train.load_checkpoint(args.ckpt)
-    return out | (model_analysis(ckpt, t0, t_v, t_a) if ckpt.get('args', {}).get('heads', 'simclr') != 'simclr' else {})
+    return out | (model_analysis(model, t0, t_v, t_a) if model else {})
 
 
 def rank(value, values):

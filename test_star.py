@@ -534,6 +534,10 @@ def prepare_case(root, tmp_path, trained, setup):
             f.truncate(5)
     elif setup == 'missing':
         os.remove(stl_dir / 'stl10_binary' / 'test_X.bin')
+    elif setup == 'foreign':  # weights named as another version of the code would name them
+        ckpt = torch.load(run_dir / 'ckpt.pt', weights_only=True)
+        ckpt['model'] = {k.replace('shift.', ''): v for k, v in ckpt['model'].items()}
+        torch.save(ckpt, run_dir / 'ckpt.pt')
     return str(run_dir), str(stl_dir)
 
 
@@ -549,6 +553,8 @@ MISTAKES = [
     ('missing', ['train.py', '--epochs', '2', '--overwrite'], 'files missing in'),
     (None, ['eval_linear.py', '--dataset', 'stl10', '--results', __file__ + '/r.jsonl'], 'cannot write --results'),
     ('list', ['eval_linear.py', '--dataset', 'stl10'], 'holds a list, not a checkpoint'),
+    ('foreign', ['train.py', '--epochs', '2', '--resume'], 'do not fit this model'),
+    ('foreign', ['eval_linear.py', '--dataset', 'stl10', '--analyze'], 'do not fit this model'),
 ]
 
 BAD_VALUES = [  # (script, flags, the one line expected)
@@ -897,7 +903,7 @@ def test_official_checkpoint_layout_loads(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     assert size == 96 and norm == data.STL10_NORM and torch.equal(net.eval()(x), ref.eval()(x))
     torch.save({'backbone': {'conv1.weight': torch.zeros(1)}}, tmp_path / 'other.pth')
-    with pytest.raises(SystemExit, match='holds no torchvision ResNet'):
+    with pytest.raises(SystemExit, match='do not fit this model'):
         ev.load_encoder(str(tmp_path / 'other.pth'))
 
 

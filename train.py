@@ -165,6 +165,15 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_weights(module, state, path):
+    """module.load_state_dict(state), or one line when the checkpoint's weights do not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError):
+        fail(f'the weights in {path} do not fit this model (another architecture, heads, or version of this code); '
+             'check the checkpoint, or start afresh with --overwrite')
+
+
 def start_processes(args):
     """(world size, rank, device) of this process; under torchrun, joins the process group."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
@@ -293,7 +302,7 @@ def pretrain(args, ckpt, world, rank, device):
     model = model.to(memory_format=torch.channels_last) if device.type == 'cuda' else model
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
     if ckpt:
-        model.load_state_dict(ckpt['model'])
+        load_weights(model, ckpt['model'], os.path.join(args.out_dir, 'ckpt.pt'))
         opt.load_state_dict(ckpt['optimizer'])
     net = DistributedDataParallel(model) if world > 1 else model
     if rank == 0:  # the log holds the checkpoint's epochs (none for a new run); later lines are redone
