@@ -614,7 +614,9 @@ def test_overwrite_starts_afresh_and_resume_says_where_it_is(stl, trained, tmp_p
 def test_ctrl_c_says_how_to_continue(stl, tmp_path):
     out = str(tmp_path / 'run')
     proc = subprocess.Popen([sys.executable, *tiny_train_flags(stl[0], out, '--epochs', '50', '--eval-interval', '0')],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal, even
+    # when pytest itself runs in the background, where the shell ignores SIGINT and Python would inherit that
     while not os.path.exists(os.path.join(out, 'ckpt.pt')) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
