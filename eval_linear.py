@@ -309,11 +309,11 @@ def equivariance(pred, target):
 
 def ridge_r2(x, y, x_test, y_test, ridge=1e-3):
     """R^2 on test, per parameter group and overall, of a ridge regression from x to y fitted on (x, y): x
-    standardised, penalty ridge * n |W|^2, intercept unpenalised."""
-    x, y, x_test, y_test = (t.double() for t in (x, y, x_test, y_test))
+    standardised, penalty ridge * n |W|^2, intercept unpenalised; the normal equations solved in float64."""
     mean, std, y_mean = x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0)
     x, x_test = (x - mean) / std, (x_test - mean) / std
-    w = torch.linalg.solve(x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (y - y_mean))
+    gram = (x.T @ x).double() + ridge * len(x) * torch.eye(x.shape[1], dtype=torch.double)
+    w = torch.linalg.solve(gram, (x.T @ (y - y_mean)).double()).to(x.dtype)
     res, tot = (x_test @ w + y_mean - y_test).pow(2).sum(0), (y_test - y_test.mean(0)).pow(2).sum(0)
     return {f'r2_{group}': (1 - res[i].sum() / tot[i].sum()).item() for group, i in GROUPS.items()}
 
