@@ -42,7 +42,7 @@ ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 
                     'frozen_pre', 'r2_all']
 GROUPS = {'crop': [0, 1, 2, 3], 'flip': [4], 'colour': [5, 6, 7, 8], 'gray': [9], 'blur': [10], 'all': list(range(11))}
 SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'chance_mrr',
-         *ANALYSIS_COLUMNS]
+         'cca_unpaired', *ANALYSIS_COLUMNS]
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 
@@ -346,14 +346,16 @@ def view_features(net, images, norm, device, stats, views, seed=0):
 @torch.no_grad()
 def model_analysis(model, h0, h_v, a):
     """What a train.py model with an equivariant head adds on the test features: redundancy between z_inv and z_eq
-    (CCA of the originals and of the first views, effective ranks), its own shift predictor's ranking in
-    embedding space, and each router's mean weight per expert."""
+    (CCA of the originals, of the first views, and of unpaired rows: the floor n images give; effective ranks),
+    its own shift predictor's ranking in embedding space, and each router's mean weight per expert."""
     z, z1 = model.eval().heads(h0), model.heads(h_v[:, 0])
     z_eq = torch.stack([model.heads(h)['z_eq'] for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)], 1)
     z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
     corr = cca(z['z_inv'], z['z_eq'])
+    unpaired = z['z_eq'][torch.randperm(len(h0), generator=torch.Generator().manual_seed(0))]  # CCA's floor at this n
     return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), **equivariance(z_hat, z_eq),
             'cca_views': cca(z1['z_inv'], z1['z_eq']).mean().item(),
+            'cca_unpaired': cca(z['z_inv'], unpaired).mean().item(),
             'erank_inv': effective_rank(z['z_inv']), 'erank_eq': effective_rank(z['z_eq']),
             'routing_inv': z['s_inv'].mean(0).tolist(), 'routing_eq': z['s_eq'].mean(0).tolist()}
 

@@ -1065,6 +1065,7 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     assert analysis['chance_mrr'] == pytest.approx(sum(1 / k for k in range(1, 17)) / 16)
     assert 0 <= analysis['cca'] <= analysis['cca_top10'] <= 1 and abs(sum(analysis['routing_eq']) - 1) < 1e-4
     assert 1 <= analysis['erank_inv'] <= 20 and len(analysis['routing_inv']) == 4  # 20 test images, 4 experts
+    assert 0 <= analysis['cca_unpaired'] <= 1 and analysis['cca_unpaired'] != analysis['cca']
     table = run('eval_linear.py', '--summary', *common).stdout.splitlines()
     assert table[0].split() == ['linear', 'shapes', 'stl10', 'mean', 'avg', 'rank']
     name = f'{os.path.basename(os.path.dirname(trained))}/ckpt.pt {results[0]["ckpt_sha256"][:8]}'
