@@ -308,12 +308,13 @@ def equivariance(pred, target):
 
 
 def ridge_r2(x, y, x_test, y_test, ridge=1e-3):
-    """R^2 on test, per parameter group and overall, of a ridge regression from x to y fitted on (x, y): x
-    standardised, penalty ridge * n |W|^2, intercept unpenalised; the normal equations solved in float64."""
-    mean, std, y_mean = x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0)
-    x, x_test = (x - mean) / std, (x_test - mean) / std
-    gram = (x.T @ x).double() + ridge * len(x) * torch.eye(x.shape[1], dtype=torch.double)
-    w = torch.linalg.solve(gram, (x.T @ (y - y_mean)).double()).to(x.dtype)
+    """R^2 on test, per parameter group and overall, of a ridge regression from x to y fitted on (x, y): centred,
+    penalty `ridge` times the mean diagonal of x'x (as in cca), so a feature constant on train gets no weight."""
+    mean, y_mean = x.mean(0), y.mean(0)
+    x, x_test = x - mean, x_test - mean
+    gram = (x.T @ x).double()
+    w = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype),
+                           (x.T @ (y - y_mean)).double()).to(x.dtype)
     res, tot = (x_test @ w + y_mean - y_test).pow(2).sum(0), (y_test - y_test.mean(0)).pow(2).sum(0)
     return {f'r2_{group}': (1 - res[i].sum() / tot[i].sum()).item() for group, i in GROUPS.items()}
 
