@@ -349,8 +349,8 @@ def model_analysis(model, h0, h_v, a):
     """What a train.py model with an equivariant head adds on the test features: redundancy between z_inv and z_eq
     (CCA of the originals, of the first views, and of unpaired rows: the floor n images give; effective ranks),
     its own shift predictor's ranking in embedding space, and each router's mean weight per expert."""
-    z, z1 = model.eval().heads(h0), model.heads(h_v[:, 0])
-    z_eq = torch.stack([model.heads(h)['z_eq'] for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)], 1)
+    z, views = model.eval().heads(h0), [model.heads(h) for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)]
+    z1, z_eq = views[0], torch.stack([v['z_eq'] for v in views], 1)
     z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
     corr = cca(z['z_inv'], z['z_eq'])
     unpaired = z['z_eq'][torch.randperm(len(h0), generator=torch.Generator().manual_seed(0))]  # CCA's floor at this n
