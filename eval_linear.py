@@ -361,11 +361,10 @@ def model_analysis(model, h0, h_v, a):
             'routing_inv': z['s_inv'].mean(0).tolist(), 'routing_eq': z['s_eq'].mean(0).tolist()}
 
 
-def analyze(args, views=16):
+def analyze(args, net, size, norm, views=16):
     """Equivariance of any encoder's frozen features, fitted on train and scored on test: the ridge R^2 of the
     parameters from [h(x0); h(v)], and a trained predictor's ranking of the true view among `views` views of the
     same image (chance MRR beside). A train.py checkpoint with an equivariant head adds model_analysis."""
-    net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
     ckpt, model = train.load_checkpoint(args.ckpt), None
     if ckpt.get('args', {}).get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
         model = STAR(ckpt['args']['arch'], ckpt['args']['heads'], ckpt['args']['experts'])
@@ -440,12 +439,12 @@ def main(argv=None):
     args = get_args(argv)
     if args.summary:
         return print(summary(args.results))
+    net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
+    result = {'image_size': size, 'norm': norm}
     if args.analyze:
-        result = {'task': 'analysis', **analyze(args)}
+        result |= {'task': 'analysis', **analyze(args, net, size, norm)}
     else:
-        net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
         feats = features(args, net, size, norm)
-        result = {'image_size': size, 'norm': norm}
         if args.few_shot:
             f, y = few_shot_pool(args.dataset, feats)
             result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),

@@ -1097,6 +1097,7 @@ def test_analysis_of_an_encoder_without_heads_measures_its_frozen_features(stl, 
              '--analyze', '--results', str(results), '--cache-dir', str(tmp_path / 'cache')])
     r = read_jsonl(results)[0]
     assert 'cca' not in r and 'mrr' not in r and 'routing_inv' not in r  # no heads: frozen metrics only
+    assert r['image_size'] == 96 and r['norm'] == [list(v) for v in data.STL10_NORM]  # as a probe records
     assert 1 / 16 <= r['frozen_mrr'] <= 1 and r['frozen_hit1'] <= r['frozen_hit5'] and r['frozen_pre'] > 0
     assert r['r2_all'] <= 1 and set(r) >= {'r2_crop', 'r2_flip', 'r2_colour', 'r2_gray', 'r2_blur'}
 
