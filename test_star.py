@@ -344,7 +344,7 @@ def test_forward_wires_the_paper():
 
 def test_simclr_does_no_equivariant_work():
     simclr = STAR('resnet18', 'simclr')
-    assert not hasattr(simclr, 'psi') and not hasattr(simclr, 'phi') and simclr.heads.experts.n == 1
+    assert not hasattr(simclr, 'shift') and hasattr(STAR('resnet18', 'star', 2), 'shift') and simclr.heads.experts.n == 1
     calls = []
     simclr.encoder.register_forward_hook(lambda *a: calls.append(1))
     out = simclr(None, torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), None, None)
