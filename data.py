@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -31,8 +31,7 @@ def resize_crop(images, size):
 
 
 def stl10(root, split, size=96):
-    """STL-10's split (train, test, unlabeled, train+unlabeled) from `root/stl10_binary/*.bin` as (uint8
-    N x 3 x size x size, int64 labels; -1 when unlabelled)."""
+    """A split of STL-10 (train, test, unlabeled, train+unlabeled) as uint8 images and labels (-1: unlabelled)."""
     folder, parts = os.path.join(root, 'stl10_binary'), split.split('+')
     names = [f'{part}_X.bin' for part in parts] + [f'{part}_y.bin' for part in parts if part != 'unlabeled']
     missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
@@ -58,8 +57,7 @@ def stl10(root, split, size=96):
 
 
 def image_folder(root, size, classes=None):
-    """Every image below `root`, resized once to size x size. Labels index `classes`, whose folders must then hold
-    every image; without them, the first-level sub-folders (-1 for images outside them)."""
+    """Every image below `root`, resized once; labelled by `classes` (default: the sub-folders; -1 outside them)."""
     if not os.path.isdir(root):
         fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
     rel = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
@@ -70,18 +68,15 @@ def image_folder(root, size, classes=None):
         fail(f'{root}: {len(stray)} images are not in a class folder of the training split ({", ".join(stray[:3])}'
              f'{", ..." if len(stray) > 3 else ""}); move or remove them')
     classes = classes or sorted({c for c in folder.values() if c})
-    files = [(os.path.join(root, r), classes.index(folder[r]) if folder[r] else -1) for r in rel]
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        loaded = pool.map(functools.partial(load_image, size=size), [f for f, _ in files])
-        loaded = list(tqdm(loaded, total=len(files), desc=f'loading {root}', leave=False))
-    images = [x for x in loaded if x is not None]
-    labels = [c for x, (_, c) in zip(loaded, files) if x is not None]
-    bad = len(files) - len(images)
-    if bad:
-        print(f'skipped {bad} unreadable image files in {root}', file=sys.stderr)
-    if not images:
+        loaded = pool.map(functools.partial(load_image, size=size), [os.path.join(root, r) for r in rel])
+        loaded = list(tqdm(loaded, total=len(rel), desc=f'loading {root}', leave=False))
+    kept = [(x, classes.index(folder[r]) if folder[r] else -1) for x, r in zip(loaded, rel) if x is not None]
+    if len(kept) < len(rel):
+        print(f'skipped {len(rel) - len(kept)} unreadable image files in {root}', file=sys.stderr)
+    if not kept:
         fail(f'no readable images (.jpg, .png, ...) in {root}')
-    return torch.stack(images), torch.tensor(labels), classes
+    return torch.stack([x for x, _ in kept]), torch.tensor([c for _, c in kept]), classes
 
 
 def pil_to_uint8(img, size):
@@ -101,12 +96,6 @@ def load_image(path, size):
         return None
 
 
-def channel_stats(images):
-    """Per-channel mean and std of uint8 images in [0, 1], from up to 10,000 of them."""
-    x = images[:: max(1, len(images) // 10000)].float().div(255).transpose(0, 1).flatten(1)
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
-
-
 def normalize(x, norm):
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in norm)
     return (x - mean) / std
@@ -114,9 +103,9 @@ def normalize(x, norm):
 
 # ---- augmentations: sample the parameters of every view, then apply them (a pure function of images and parameters)
 
-def sample(n, size, g):
-    """Parameters (n x 11, fields FIELDS) of a batch of n views of size x size images, and the order of its colour
-    operations (4 indices into JITTER): one order per batch, as kornia's ColorJitter draws it."""
+def sample(n, size, g, jitter='official'):
+    """Parameters (n x 11, FIELDS) of n views of size x size images and their colour orders (n x 4): one order for
+    the batch under official jitter (as kornia's ColorJitter), one per image under torchvision's."""
     area = size * size * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # RandomResizedCrop, 10 attempts
     ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
@@ -132,14 +121,8 @@ def sample(n, size, g):
     factors = torch.where(jittered, torch.cat([bcs, hue], 1), IDENTITY)
     gray = (torch.rand(n, generator=g) < 0.2).float()
     sigma = torch.where(torch.rand(n, generator=g) < 0.5, torch.empty(n).uniform_(0.1, 2.0, generator=g), 0.0)
-    order = torch.randperm(4, generator=g)
+    order = torch.rand(1 if jitter == 'official' else n, 4, generator=g).argsort(1).expand(n, 4)
     return torch.cat([torch.stack([top, left, h, w, flip], 1), factors, torch.stack([gray, sigma], 1)], 1), order
-
-
-def sample_views(b, size, g):
-    """Parameters (2 x b x 11) and jitter orders (2 x 4) of two views of b images, each view batch drawn alone."""
-    p, order = zip(*(sample(b, size, g) for _ in range(2)))
-    return torch.stack(p), torch.stack(order)
 
 
 def param_stats(size, n=200_000):
@@ -160,28 +143,15 @@ def crop_flip(x, p):
     return F.grid_sample(x, (2 * grid + 1) / size - 1, mode='bilinear', padding_mode='border', align_corners=False)
 
 
-# Colour jitter with kornia 0.4.1's semantics, as the authors' code applies it: brightness adds f - 1, contrast
-# multiplies every pixel by f (both clamped to [0, 1]), saturation scales HSV's S, hue rotates HSV's H.
-
-def brightness(x, f):
-    return (x + f.view(-1, 1, 1, 1) - 1).clamp_(0, 1)
-
-
-def contrast(x, f):
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
-
-
-def saturation(x, f):
-    """S = c / v times f, clamped to 1, with value v = max and chroma c = max - min kept at v: the channels move
-    towards v, each to v - min(f, v / c) (v - x)."""
+def hsv_saturation(x, f):
+    """kornia's: S = c / v times f, clamped to 1, keeping v = max: each channel moves to v - min(f, v / c) (v - x)."""
     v = x.amax(1, keepdim=True)
     c = v - x.amin(1, keepdim=True)
     return v - torch.minimum(f.view(-1, 1, 1, 1), v / c.clamp_min(1e-12)) * (v - x)
 
 
 def hue(x, f):
-    """Rotate the hue by f (a fraction of the colour wheel): RGB -> HSV, shift, HSV -> RGB. The shift keeps the
-    value v = max and the chroma c = max - min, so the new channel n is v - c * clamp(min(k, 4 - k), 0, 1)."""
+    """Rotate HSV's hue by f turns (kornia and torchvision alike), keeping v = max and c = max - min."""
     v = x.amax(1)
     c = v - x.amin(1)
     r, g, b = ((v.unsqueeze(1) - x) / c.clamp_min(1e-12).unsqueeze(1)).unbind(1)  # distances to the max, in chromas
@@ -206,22 +176,35 @@ def gaussian_blur(x, sigma):
     return x
 
 
-def grayscale(x, _):
-    gray = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.110 * x[:, 2]  # kornia's weights
-    return gray.unsqueeze(1).expand_as(x)
+def gray(x, weights):
+    return (weights[0] * x[:, 0] + weights[1] * x[:, 1] + weights[2] * x[:, 2]).unsqueeze(1)
 
 
-JITTER = [brightness, contrast, saturation, hue]  # in the order of their factors in FIELDS
+def blend(x, y, f):  # torchvision's: f x + (1 - f) y, clamped
+    return (y + f.view(-1, 1, 1, 1) * (x - y)).clamp_(0, 1)
 
 
-def augment(x, p, order):
-    """Apply a view batch's parameters p (n x 11) to float images x in [0, 1]: crop and flip, colour jitter in
-    `order`, grayscale, blur."""
-    x = crop_flip(x, p)
-    for op in order.tolist():  # each operation only on the samples it moves, so the identity is exact
-        f = p[:, COL['brightness'] + op]
-        x = apply_to(x, f != IDENTITY[op], JITTER[op], f)
-    x = apply_to(x, p[:, COL['gray']] > 0, grayscale, p[:, COL['gray']])
+TV_GRAY = (0.2989, 0.587, 0.114)
+# Per semantics: the colour operations in the order of their factors in FIELDS (brightness, contrast, saturation,
+# hue), then the grayscale weights. official: kornia 0.4.1's, as the authors' code applies them (brightness adds
+# f - 1, contrast scales every pixel, both clamped; saturation scales HSV's S); torchvision: its adjust_* functions.
+JITTER = {'official': ([lambda x, f: (x + f.view(-1, 1, 1, 1) - 1).clamp_(0, 1),
+                        lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp_(0, 1), hsv_saturation, hue],
+                       (0.299, 0.587, 0.110)),
+          'torchvision': ([lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp_(0, 1),
+                           lambda x, f: blend(x, gray(x, TV_GRAY).mean((2, 3), keepdim=True), f),
+                           lambda x, f: blend(x, gray(x, TV_GRAY), f), hue], TV_GRAY)}
+
+
+def augment(x, p, order, jitter='official'):
+    """Views of float images x in [0, 1] from parameters p (n x 11): crop, flip, colour in `order`, gray, blur."""
+    ops, weights = JITTER[jitter]
+    x, order = crop_flip(x, p), order.expand(len(x), 4)
+    for step in range(4):
+        for op, fn in enumerate(ops):  # each operation only on the samples it moves, so the identity is exact
+            f = p[:, COL['brightness'] + op]
+            x = apply_to(x, (order[:, step] == op) & (f != IDENTITY[op]), fn, f)
+    x = apply_to(x, p[:, COL['gray']] > 0, lambda y, _: gray(y, weights).expand_as(y), p[:, COL['gray']])
     return apply_to(x, p[:, COL['sigma']] > 0, gaussian_blur, p[:, COL['sigma']])
 
 
@@ -233,11 +216,36 @@ def apply_to(x, mask, fn, factor):
     return x
 
 
-def make_views(images, p, order, norm, stats):
-    """The pairing the method needs: x0 (normalised original), views v1, v2 and standardised parameters a1, a2.
-    images: uint8 (B x 3 x S x S) on the device; p: 2 x B x 11 and order: 2 x 4 from `sample_views`."""
+def make_views(images, p, order, norm, stats, jitter='official'):
+    """The pairing the method needs from uint8 images and two draws of `sample` (p: 2 x B x 11, order: 2 x B x 4):
+    x0 (the normalised original), views v1, v2 and standardised parameters a1, a2."""
     x = images.float().div(255)
     mean, std = (s.to(x.device) for s in stats)
-    p = p.to(x.device)
-    v1, v2 = (normalize(augment(x, p[i], order[i]), norm) for i in range(2))
+    p, order = p.to(x.device), order.to(x.device)
+    v1, v2 = (normalize(augment(x, p[i], order[i], jitter), norm) for i in range(2))
     return normalize(x, norm), v1, v2, (p[0] - mean) / std, (p[1] - mean) / std
+
+
+# ---- pictures
+
+def save_grid(tiles, labels, columns, path, size=96):
+    """Float images (N x 3 x H x W in [0, 1]) resized to size x size as one PNG grid, each labelled below."""
+    lines = max(text.count('\n') + 1 for text in labels)
+    tiles = F.pad(TF.resize(tiles, [size, size], antialias=True), (0, 0, 0, 12 * lines + 2), value=1.0)
+    img = TF.to_pil_image(torchvision.utils.make_grid(tiles.clamp(0, 1), columns, padding=4, pad_value=1.0))
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(labels):
+        draw.multiline_text((4 + i % columns * (size + 4), 4 + i // columns * (tiles.shape[2] + 4) + size + 1), text,
+                            fill=(0, 0, 0), spacing=2)
+    img.save(path)
+
+
+def show_views(images, path, jitter='official', n=8):
+    """views.png: n originals x0, each beside its two views v1, v2 labelled with their 11 parameters."""
+    x, g = images[:n].float().div(255), torch.Generator().manual_seed(0)
+    draws = [sample(len(x), x.shape[-1], g, jitter) for _ in range(2)]
+    tiles = torch.stack([x, *(augment(x, p, order, jitter) for p, order in draws)], 1).flatten(0, 1)
+    text = ('crop {:.0f},{:.0f} {:.0f}x{:.0f}\nflip {:.0f}\nb {:.2f} c {:.2f}\n'
+            's {:.2f} h {:+.3f}\ngray {:.0f} blur {:.1f}')
+    labels = [t for i in range(len(x)) for t in [f'x0, image {i}', *(text.format(*p[i].tolist()) for p, _ in draws)]]
+    save_grid(tiles, labels, 6, path)

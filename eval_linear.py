@@ -37,14 +37,12 @@ TORCHVISION = {
 HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food101': (68175, 7575, 42),
             'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50)}
 PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
-TEST_POOL_ONLY = {'fc100'}  # few-shot data sets whose episodes come from the test split alone
-ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr', 'frozen_hit1',
-                    'frozen_pre', 'r2_all']
-GROUPS = {'crop': [0, 1, 2, 3], 'flip': [4], 'colour': [5, 6, 7, 8], 'gray': [9], 'blur': [10], 'all': list(range(11))}
-SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'chance_mrr',
-         'cca_unpaired', *ANALYSIS_COLUMNS]
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
+GROUPS = {'crop': [0, 1, 2, 3], 'flip': [4], 'colour': [5, 6, 7, 8], 'gray': [9], 'blur': [10], 'all': list(range(11))}
+ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr', 'frozen_hit1',
+                    'frozen_pre', 'r2_all']
+SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'pool', 'chance_mrr', *ANALYSIS_COLUMNS]
 
 
 def get_args(argv=None):
@@ -57,8 +55,8 @@ def get_args(argv=None):
                    help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
     p.add_argument('--episodes', type=int, default=2000, help='few-shot episodes')
-    p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; with a '
-                   'ckpt.pt of an equivariant head also redundancy (CCA), its own predictor and routing')
+    p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; with a ckpt.pt of an '
+                   'equivariant head also redundancy (CCA), its own predictor, and routing (routing-HASH.png)')
     p.add_argument('--summary', action='store_true', help='print the tables of the results in --results')
     p.add_argument('--results', default='results.jsonl', help='every run appends a JSON line here')
     p.add_argument('--cache-dir', default='.cache/features', help='encoder features, keyed by all they depend on')
@@ -93,8 +91,8 @@ def check_task(args):
 
 
 def load_encoder(path, pretrain_data=None):
-    """(encoder, image size, normalisation) from any of the three checkpoint layouts; encoders without train.py's
-    arguments take those of their pretraining data (`pretrain_data`, by default from the architecture)."""
+    """(encoder, image size, normalisation, checkpoint) from any checkpoint layout; an encoder without train.py's
+    arguments takes those of its pretraining data (`pretrain_data`, by default from the architecture)."""
     ckpt, size = train.load_checkpoint(path), None
     state = ckpt.get('backbone', ckpt)  # encoder.pt, or the official STAR / AugSelf layout
     if 'model' in ckpt and 'args' in ckpt:  # train.py's ckpt.pt
@@ -109,12 +107,11 @@ def load_encoder(path, pretrain_data=None):
         size, norm = PRETRAIN[pretrain_data]
         print(f'{path}: a {arch} without train.py arguments, probed as pretrained on {pretrain_data} ({size} px, '
               f'its normalisation); --pretrain-data sets this')
-    return net, size, norm
+    return net, size, norm, ckpt
 
 
 def load_split(name, root, split, size):
-    """uint8 images (N x 3 x size x size), resized (bicubic) and centre-cropped, and labels of one official split;
-    an image folder's splits are labelled by train/'s class folders."""
+    """uint8 images, resized and centre-cropped, and labels of one split (an image folder's by train/'s classes)."""
     if name == 'stl10':
         return data.stl10(root, split, size)
     if name not in TORCHVISION:
@@ -127,8 +124,8 @@ def load_split(name, root, split, size):
         transform = functools.partial(data.pil_to_uint8, size=size)
         ds = cls(root, **kwargs.get(split, kwargs.get('all')), transform=transform, download=True)
     except Exception as e:
-        fail(f'{name} ({split}) not found in {root} and the download failed ({type(e).__name__}); '
-             f'place the files where torchvision.datasets.{cls.__name__}(root="{root}") expects them')
+        fail(f'{name} ({split}) not found in {root}, download failed ({type(e).__name__}); place the files where '
+             f'torchvision.datasets.{cls.__name__}(root="{root}") expects them')
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count()))
     batches = list(tqdm(loader, desc=f'loading {name} {split}', leave=False))
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
@@ -140,8 +137,7 @@ def sha256(path):
 
 
 def features(args, net, size, norm):
-    """{split: (features, labels)} of the official splits, encoded once and cached under a key of all they depend
-    on: checkpoint, data set and the names, sizes and times of its files, split, size, normalisation, float32."""
+    """{split: (features, labels)}, encoded once and cached under a key of all they depend on."""
     root = os.path.realpath(args.data_dir)
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
     files = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p, st in zip(paths, map(os.stat, paths))]
@@ -159,16 +155,15 @@ def features(args, net, size, norm):
 
 
 def random_split(f, y, held_out, seed):
-    """(rest, held-out part) of (f, y) with the indices of torch.utils.data.random_split(range(n), [n - held_out,
-    held_out], generator seeded with `seed`): one randperm, the rest first."""
+    """(rest, held-out) of (f, y), split as torch.utils.data.random_split splits with a generator seeded `seed`."""
     i = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n = len(y) - held_out
     return (f[i[:n]], y[i[:n]]), (f[i[n:]], y[i[n:]])
 
 
 def probe_splits(name, feats):
-    """(train, val, test): official splits where they exist, AugSelf's seeded hold-outs (HOLD_OUT) from train
-    otherwise, scaled to the data set's size if it differs; (ours) a 20% test and a 10% val hold-out elsewhere."""
+    """(train, val, test): official splits, else AugSelf's hold-outs (HOLD_OUT, scaled to the size), else (ours) 10%
+    val and 20% test."""
     if 'all' in feats:
         feats['train'], feats['test'] = random_split(*feats['all'], len(feats['all'][1]) // 5, 0)
     if 'val' not in feats:
@@ -183,8 +178,7 @@ def with_bias(x):
 
 
 def minimise(loss, theta):
-    """theta minimising loss(theta) by full-batch L-BFGS as AugSelf runs it: lr 1, up to 5000 iterations, strong
-    Wolfe, tolerance_grad 1e-10, tolerance_change 0."""
+    """theta minimising loss(theta) by full-batch L-BFGS, as AugSelf runs it."""
     theta = theta.clone().requires_grad_()
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=5000, tolerance_grad=1e-10, tolerance_change=0,
                             line_search_fn='strong_wolfe')
@@ -199,17 +193,15 @@ def minimise(loss, theta):
 
 
 def logistic_regression(x, y, n_classes, w, init=None):
-    """Multinomial logistic regression with bias on x (n x d): summed cross-entropy + w ||theta||^2, weights and
-    bias alike (AugSelf's probe). Returns theta, (d+1) x C."""
+    """AugSelf's probe: summed cross-entropy + w ||theta||^2 (bias included); theta is (d+1) x C."""
     x = with_bias(x)
     init = x.new_zeros(x.shape[1], n_classes) if init is None else init
     return minimise(lambda t: F.cross_entropy(x @ t, y, reduction='sum') + w * t.pow(2).sum(), init)
 
 
 def one_vs_rest(x, y, n_classes):
-    """scikit-learn's LogisticRegression(solver='liblinear'), C = 1: per class c, binary logistic regression
-    minimising 1/2 ||[theta; b]||^2 + sum log(1 + exp(-y_c (theta x + b))) with y_c = +-1, the intercept penalised
-    like a weight. x: E x n x d (E independent episodes). Returns E x (d+1) x C."""
+    """scikit-learn's LogisticRegression(solver='liblinear'), C = 1, for E episodes (x: E x n x d) at once: per
+    class, 1/2 ||[theta; b]||^2 + sum log(1 + exp(-y (theta x + b))), y = +-1. Returns E x (d+1) x C."""
     x, y_c = with_bias(x), 2 * F.one_hot(y, n_classes).float() - 1
     init = x.new_zeros(x.shape[0], x.shape[-1], n_classes)
     return minimise(lambda t: t.pow(2).sum() / 2 + F.softplus(-y_c * (x @ t)).sum(), init)
@@ -239,9 +231,8 @@ def linear_probe(feats, name, per_class, device):
 
 
 def episodes(labels, n, k, queries, ways=5, seed=0):
-    """n few-shot episodes as AugSelf draws them: support (n x ways*k) and query (n x ways*queries) indices and
-    episode labels. Classes with <= k images are dropped; a class with fewer than k + queries images gives k
-    support images and draws its queries from the rest with replacement."""
+    """n episodes as AugSelf draws them: support and query indices (n x ways*k, n x ways*queries) and their labels.
+    Classes of <= k images are dropped; a class short of k + queries draws its queries with replacement."""
     g = torch.Generator().manual_seed(seed)
     by_class = [i for i in (torch.nonzero(labels == c).squeeze(1) for c in labels.unique()) if len(i) > k]
     if len(by_class) < ways:
@@ -261,13 +252,12 @@ def episodes(labels, n, k, queries, ways=5, seed=0):
 
 def few_shot_pool(name, feats):
     """AugSelf's episode pool: the test split for FC100, every split for the others (CUB-200: train + test)."""
-    pool = ['test'] if name in TEST_POOL_ONLY else list(feats)
+    pool = ['test'] if name == 'fc100' else list(feats)
     return torch.cat([feats[s][0] for s in pool]), torch.cat([feats[s][1] for s in pool])
 
 
 def few_shot(f, y, k, n, device, queries=16, chunk=100):
-    """Mean accuracy and 95% interval (1.96 std / sqrt(n)) over n 5-way k-shot episodes, each classified by
-    one-vs-rest logistic regression (AugSelf's scikit-learn liblinear), `chunk` episodes fitted at once."""
+    """Mean accuracy and 95% interval (1.96 std / sqrt(n)) of n 5-way k-shot episodes, `chunk` fitted at once."""
     support, query, ys, yq = episodes(y, n, k, queries)
     f, acc = f.to(device), []
     for s, q in zip(support.split(chunk), query.split(chunk)):
@@ -278,8 +268,7 @@ def few_shot(f, y, k, n, device, queries=16, chunk=100):
 
 
 def cca(x, y, ridge=1e-6):
-    """Canonical correlations between paired rows of x and y, largest first: singular values of
-    Cxx^-1/2 Cxy Cyy^-1/2, with `ridge` times the mean variance added to Cxx and Cyy for stability."""
+    """Canonical correlations of paired rows, largest first: singular values of Cxx^-1/2 Cxy Cyy^-1/2 (ridged)."""
     x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
 
     def inv_sqrt(c):
@@ -297,8 +286,7 @@ def effective_rank(z):
 
 def equivariance(pred, target):
     """Each prediction (N x M x d) ranks the true view among the M views of its image by cosine similarity, ties
-    broken at random in expectation (g views above the true one, e tied with it, itself included): MRR
-    (H(g + e) - H(g)) / e, hit@k clamp((k - g) / e, 0, 1), and PRE, the mean |pred - target| / |target|."""
+    broken at random in expectation (g views above it, e tied, itself included): MRR, hit@1, hit@5, and PRE."""
     sim = F.normalize(pred, dim=2) @ F.normalize(target, dim=2).mT
     d = sim.diagonal(dim1=1, dim2=2)[..., None]
     g, e = (sim > d).sum(-1).double(), (sim == d).sum(-1).double()
@@ -308,8 +296,7 @@ def equivariance(pred, target):
 
 
 def ridge_r2(x, y, x_test, y_test, ridge=1e-3):
-    """R^2 on test, per parameter group and overall, of a ridge regression from x to y fitted on (x, y): centred,
-    penalty `ridge` times the mean diagonal of x'x (as in cca), so a feature constant on train gets no weight."""
+    """Test R^2 per parameter group of a ridge regression fitted on (x, y), penalty relative to x's mean variance."""
     mean, y_mean = x.mean(0), y.mean(0)
     x, x_test = x - mean, x_test - mean
     gram = (x.T @ x).double()
@@ -320,8 +307,7 @@ def ridge_r2(x, y, x_test, y_test, ridge=1e-3):
 
 
 def fit_predictor(h0, h_v, a, epochs=10, seed=0):
-    """A shift predictor h(v) ~ h(x0) + phi([h(x0); psi(a)]) of the model's shape at the encoder's width, trained on
-    frozen features by mean squared error (Adam, lr 1e-3, batches of 256)."""
+    """A shift predictor h(v) ~ h(x0) + phi([h(x0); psi(a)]) at the encoder's width, fitted to frozen features."""
     torch.manual_seed(seed)
     predictor, (n, m) = Shift(h0.shape[1]), a.shape[:2]
     opt = torch.optim.Adam(predictor.parameters(), lr=1e-3)
@@ -334,44 +320,57 @@ def fit_predictor(h0, h_v, a, epochs=10, seed=0):
     return predictor.eval()
 
 
-def view_features(net, images, norm, device, stats, views, seed=0):
-    """Frozen features h(x0) (N x d) and h(v) of `views` views of each image (N x views x d), drawn by the training
-    augmentation (one jitter order per view), and the views' standardised parameters a (N x views x 11)."""
+def view_features(net, images, norm, device, stats, jitter, views, seed=0):
+    """Features h(x0) (N x d), h(v) of `views` views per image (N x views x d), standardised parameters a."""
     g = torch.Generator().manual_seed(seed)
-    draws = [data.sample(len(images), images.shape[-1], g) for _ in range(views)]
-    h_v = torch.stack([train.encode(net, images, norm, device, *d) for d in tqdm(draws, desc='views', leave=False)], 1)
+    draws = [data.sample(len(images), images.shape[-1], g, jitter) for _ in range(views)]
+    h_v = torch.stack([train.encode(net, images, norm, device, d, jitter) for d in tqdm(draws, desc='views')], 1)
     a = (torch.stack([p for p, _ in draws], 1) - stats[0]) / stats[1]
     return train.encode(net, images, norm, device), h_v, a
 
 
 @torch.no_grad()
-def model_analysis(model, h0, h_v, a):
-    """What a train.py model with an equivariant head adds on the test features: redundancy between z_inv and z_eq
-    (CCA of the originals, of the first views, and of unpaired rows: the floor n images give; effective ranks),
-    its own shift predictor's ranking in embedding space, and each router's mean weight per expert."""
+def model_analysis(model, h0, h_v, a, picture):
+    """A model with an equivariant head, on test features: redundancy of z_inv and z_eq (CCA; of views; of unpaired
+    rows, the floor n images give; effective ranks), its own predictor's ranking, and routing (`picture`)."""
     z, views = model.eval().heads(h0), [model.heads(h) for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)]
     z1, z_eq = views[0], torch.stack([v['z_eq'] for v in views], 1)
     z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
     corr = cca(z['z_inv'], z['z_eq'])
     unpaired = z['z_eq'][torch.randperm(len(h0), generator=torch.Generator().manual_seed(0))]  # CCA's floor at this n
+    routing = torch.stack([z['s_inv'].mean(0), z['s_eq'].mean(0)])
+    show_routing(routing, picture)
     return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), **equivariance(z_hat, z_eq),
             'cca_views': cca(z1['z_inv'], z1['z_eq']).mean().item(),
             'cca_unpaired': cca(z['z_inv'], unpaired).mean().item(),
             'erank_inv': effective_rank(z['z_inv']), 'erank_eq': effective_rank(z['z_eq']),
-            'routing_inv': z['s_inv'].mean(0).tolist(), 'routing_eq': z['s_eq'].mean(0).tolist()}
+            'routing_inv': routing[0].tolist(), 'routing_eq': routing[1].tolist(), 'routing_png': picture}
 
 
-def analyze(args, net, size, norm, views=16):
-    """Equivariance of any encoder's frozen features, fitted on train and scored on test: the ridge R^2 of the
-    parameters from [h(x0); h(v)], and a trained predictor's ranking of the true view among `views` views of the
-    same image (chance MRR beside). A train.py checkpoint with an equivariant head adds model_analysis."""
-    ckpt, model = train.load_checkpoint(args.ckpt), None
-    if ckpt.get('args', {}).get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
-        model = STAR(ckpt['args']['arch'], ckpt['args']['heads'], ckpt['args']['experts'])
+def show_routing(routing, path):
+    """routing.png: each router's mean weight per expert above a colour scale; experts above the uniform share 1/N
+    under both routers are marked shared, under one inv or eq."""
+    n = routing.shape[1]
+    used = routing > 1 / n
+    kind = [('shared' if i and e else 'inv' if i else 'eq' if e else '') for i, e in used.T.tolist()]
+    scale = torch.linspace(0, routing.max().item(), n)
+    cells = torch.cat([routing.flatten(), scale])
+    tiles = torch.lerp(torch.ones(3), torch.tensor([0.1, 0.2, 0.7]), (cells / cells.max())[:, None])
+    labels = [f'{row} E{k}\n{w:.3f}\n{kind[k]}' for row, r in zip(['inv', 'eq'], routing) for k, w in enumerate(r)]
+    data.save_grid(tiles[:, :, None, None].expand(-1, 3, 48, 48), labels + [f'scale\n{v:.3f}' for v in scale], n,
+                   path, size=48)
+
+
+def analyze(args, net, size, norm, ckpt, picture, views=16):
+    """Equivariance of any encoder's frozen features, fitted on train, scored on test: ridge R^2 of a from [h(x0);
+    h(v)], and a fitted predictor's ranking among `views` views per image; model_analysis for equivariant heads."""
+    run, model = ckpt.get('args', {}), None
+    if run.get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
+        model = STAR(run['arch'], run['heads'], run['experts'])
         train.load_weights(model, ckpt['model'], args.ckpt)
-    net, stats = net.to(args.device), data.param_stats(size)
+    net, stats, jitter = net.to(args.device), data.param_stats(size), run.get('jitter', 'official')
     (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size)[0], norm,
-                                                  args.device, stats, views) for split in ('train', 'test'))
+                                                  args.device, stats, jitter, views) for split in ('train', 'test'))
     pairs = [torch.cat([x.unsqueeze(1).expand_as(v), v], 2).flatten(0, 1) for x, v in ((h0, h_v), (t0, t_v))]
     out = {'views': views, 'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views,
            **ridge_r2(pairs[0], a.flatten(0, 1), pairs[1], t_a.flatten(0, 1))}
@@ -379,23 +378,20 @@ def analyze(args, net, size, norm, views=16):
     with torch.no_grad():
         t_hat = torch.stack([predictor(t0, a_m) for a_m in t_a.unbind(1)], 1)
     out |= {f'frozen_{k}': v for k, v in equivariance(t_hat, t_v).items()}
-    return out | (model_analysis(model, t0, t_v, t_a) if model else {})
-
-
-def rank(value, values):
-    return sum(v > value for v in values) + (sum(v == value for v in values) + 1) / 2
+    return out | (model_analysis(model, t0, t_v, t_a, picture) if model else {})
 
 
 def table(task, rows):
-    """Rows {checkpoint: {column: value}} as text; a linear probe adds the mean and the average rank over the data
-    sets every row has (rank 1 the best; tied values share the mean of their ranks)."""
+    """Rows {checkpoint: {column: value}} as text; a linear probe adds the mean and average rank (ties share) over
+    the data sets every row has."""
     columns = list(dict.fromkeys(c for row in rows.values() for c in row))  # analysis: in ANALYSIS_COLUMNS order
     columns = columns if task == 'analysis' else sorted(columns)
     common = [c for c in columns if all(c in row for row in rows.values())]
     if task == 'linear' and common:
         for row in rows.values():
-            row['mean'] = sum(row[d] for d in common) / len(common)
-            row['avg rank'] = sum(rank(row[d], [o[d] for o in rows.values()]) for d in common) / len(common)
+            ranks = [sum(o[d] > row[d] for o in rows.values()) + (sum(o[d] == row[d] for o in rows.values()) + 1) / 2
+                     for d in common]
+            row['mean'], row['avg rank'] = sum(row[d] for d in common) / len(common), sum(ranks) / len(common)
         columns += ['mean', 'avg rank']
     width, digits = max(len(n) for n in rows), 3 if task == 'analysis' else 2
     lines = [f'{task:<{width}} ' + ' '.join(f'{c:>9}' for c in columns)]
@@ -406,8 +402,7 @@ def table(task, rows):
 
 
 def summary(path):
-    """One table per task (linear probe in %, each few-shot setting in %, analysis) of the latest result per
-    (checkpoint hash, task, data set, metric); unreadable lines are skipped and counted."""
+    """One table per task of the latest result per (checkpoint hash, task, data set, metric)."""
     if not os.path.exists(path):
         fail(f'no results in {path}; run eval_linear.py on a checkpoint first')
     latest, bad = {}, 0
@@ -428,37 +423,31 @@ def summary(path):
     return '\n\n'.join(out + ([f'skipped {bad} unreadable lines of {path}'] if bad else []))
 
 
-def readable(r):
-    """The result's main numbers on one line, accuracies in %."""
-    cells = [f'{k} {100 * r[k]:.2f}%' if k in ('accuracy', 'val_accuracy', 'ci95') else
-             f'{k} {r[k]:.4g}' if isinstance(r[k], float) else f'{k} {r[k]}' for k in SHOWN if k in r]
-    return f'{r["name"]} on {r["dataset"]}, {r["task"]}: ' + ', '.join(cells)
-
-
 def main(argv=None):
     args = get_args(argv)
     if args.summary:
         return print(summary(args.results))
-    net, size, norm = load_encoder(args.ckpt, args.pretrain_data)
-    result = {'image_size': size, 'norm': norm}
-    if args.analyze:
-        result |= {'task': 'analysis', **analyze(args, net, size, norm)}
-    else:
-        feats = features(args, net, size, norm)
-        if args.few_shot:
-            f, y = few_shot_pool(args.dataset, feats)
-            result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),
-                       **few_shot(f, y, args.few_shot, args.episodes, args.device)}
-        else:
-            metric = args.metric or ('mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1')
-            per_class = metric == 'mean-per-class'
-            result |= {'task': 'linear', 'metric': metric, **linear_probe(feats, args.dataset, per_class, args.device)}
+    net, size, norm, ckpt = load_encoder(args.ckpt, args.pretrain_data)
     path = os.path.realpath(args.ckpt)
     digest = sha256(path)
     result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
-              'dataset': args.dataset, **result, 'ckpt': path, 'ckpt_sha256': digest,
-              'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
-    print(readable(result))
+              'dataset': args.dataset, 'image_size': size, 'norm': norm}
+    if args.analyze:
+        picture = os.path.join(os.path.dirname(os.path.abspath(args.results)), f'routing-{digest[:8]}.png')
+        result |= {'task': 'analysis', **analyze(args, net, size, norm, ckpt, picture)}
+    elif args.few_shot:
+        f, y = few_shot_pool(args.dataset, features(args, net, size, norm))
+        result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),
+                   **few_shot(f, y, args.few_shot, args.episodes, args.device)}
+    else:
+        metric = args.metric or ('mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1')
+        feats = features(args, net, size, norm)
+        result |= {'task': 'linear', 'metric': metric,
+                   **linear_probe(feats, args.dataset, metric == 'mean-per-class', args.device)}
+    result |= {'ckpt': path, 'ckpt_sha256': digest, 'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
+    shown = [f'{k} {100 * result[k]:.2f}%' if k in ('accuracy', 'val_accuracy', 'ci95') else f'{k} {result[k]:.4g}'
+             if isinstance(result[k], float) else f'{k} {result[k]}' for k in SHOWN if k in result]
+    print(f'{result["name"]} on {args.dataset}, {result["task"]}: ' + ', '.join(shown))
     with open(args.results, 'a') as f:
         f.write(json.dumps(result) + '\n')
 

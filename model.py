@@ -8,8 +8,8 @@ N_PARAMS = 11  # the augmentation parameter vector a (data.FIELDS)
 
 
 def encoder(arch, bn=None):
-    """torchvision ResNet, fc = identity; returns (module, feature size d). Initialised as the authors' code does:
-    residual branches' last BN gamma zeroed, every convolution reset to PyTorch's default (uniform +-1/sqrt(fan_in))."""
+    """torchvision ResNet, fc = identity, initialised as the authors' code does: zero_init_residual, then every
+    convolution reset to PyTorch's default. Returns (module, feature size d)."""
     net = getattr(torchvision.models, arch)(zero_init_residual=True, norm_layer=bn or nn.BatchNorm2d)
     d = net.fc.in_features
     net.fc = nn.Identity()
@@ -20,8 +20,8 @@ def encoder(arch, bn=None):
 
 
 class Experts(nn.Module):
-    """N experts Linear(d,d,no bias)-BN-ReLU-Linear(d,d,no bias)-BN-ReLU-Linear(d,out), run as one batched
-    computation: weights stacked over experts, one einsum per layer, BatchNorm over N*d channels (per expert)."""
+    """N experts Linear(d,d,no bias)-BN-ReLU-Linear(d,d,no bias)-BN-ReLU-Linear(d,out) as one batched computation:
+    weights stacked over experts, one einsum per layer, BatchNorm over N*d channels (per expert)."""
 
     def __init__(self, n, d, out=EMBED, hidden=None, bn=nn.BatchNorm1d):
         super().__init__()
@@ -88,28 +88,24 @@ class Shift(nn.Module):
 
 
 class STAR(nn.Module):
-    """Encoder f, heads, and for the equivariant task the shift predictor (psi, phi) in embedding space."""
+    """Encoder f, heads (star, shared, separate, or simclr: no equivariant task) and the shift predictor; bn: the
+    BatchNorm class of every layer (synchronised in multi-process runs)."""
 
     def __init__(self, arch='resnet18', heads='star', n_experts=16, bn=None):
-        """heads: star, shared, separate or simclr (no equivariant task); bn: the BatchNorm class of every layer
-        (synchronised in multi-process runs), default nn.BatchNorm*d."""
         super().__init__()
         self.encoder, d = encoder(arch, bn)
-        bn = bn or nn.BatchNorm1d
-        self.heads = Heads(heads, d, n_experts, bn)
+        self.heads = Heads(heads, d, n_experts, bn or nn.BatchNorm1d)
         self.equivariant = heads != 'simclr'
         if self.equivariant:
-            self.shift = Shift(EMBED, bn)
+            self.shift = Shift(EMBED, bn or nn.BatchNorm1d)
 
     def embed(self, x):
         return self.heads(self.encoder(x))
 
     def forward(self, x0, v1, v2, a1, a2):
-        """One step's embeddings, named after the paper; pairs are (view 1, view 2). Three encoder calls, each its own
-        BatchNorm batch; x0 is not encoded without the equivariant task.
-          z_inv: z_inv(v1), z_inv(v2)        s_inv, s_eq: routing weights of the views (2B x N)
-          z0 = z_eq(x0);  z_eq: z_eq(v1), z_eq(v2);  z_hat: shift(z0, a1), shift(z0, a2)"""
-        z0 = self.embed(x0)['z_eq'] if self.equivariant else None  # the calls in the order x0, v1, v2
+        """One step's named parts, pairs being (view 1, view 2): z_inv of the views; z0 = z_eq(x0), z_eq of the views
+        and z_hat = shift(z0, a_i); routing weights s_inv, s_eq of the views (2B x N). Encoder calls x0, v1, v2."""
+        z0 = self.embed(x0)['z_eq'] if self.equivariant else None  # no x0 pass without the equivariant task
         e1, e2 = self.embed(v1), self.embed(v2)
         out = {'z_inv': (e1['z_inv'], e2['z_inv'])}
         out |= {s: torch.cat([e1[s], e2[s]]) for s in ('s_inv', 's_eq') if s in e1}

@@ -1,4 +1,5 @@
 """The specification of this implementation: pytest -q test_star.py (CPU, offline, a few minutes on 2 cores)."""
+import argparse
 import fcntl
 import json
 import math
@@ -27,6 +28,13 @@ from model import STAR, Experts, Heads
 from train import CPUSyncBatchNorm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FLAGS = argparse.Namespace(jitter='official', tau=0.2)  # what train.objective reads of the command line
+
+
+def two_views(b, size, g, jitter='official'):
+    """Parameters (2 x b x 11) and colour orders (2 x b x 4) of two views of b images, as train.py draws them."""
+    p, order = zip(*(data.sample(b, size, g, jitter) for _ in range(2)))
+    return torch.stack(p), torch.stack(order)
 
 
 def write_stl10(root, n_unlabeled=64, n_train=20, n_test=20, seed=0):
@@ -200,17 +208,49 @@ def test_textbook_hsv_round_trip_is_identity():  # the reference above is itself
     assert (hsv_to_rgb(rgb_to_hsv(x)) - x).abs().max() < 1e-5
 
 
+TORCHVISION_OPS = {'brightness': TF.adjust_brightness, 'contrast': TF.adjust_contrast,
+                   'saturation': TF.adjust_saturation, 'hue': TF.adjust_hue}
+
+
+@pytest.mark.parametrize('field, factors', [('brightness', (1.4, 0.6)), ('contrast', (1.35, 0.7)),
+                                            ('saturation', (1.4, 0.6)), ('hue', (0.08, -0.1))])
+def test_torchvision_jitter_matches_torchvision_per_image(field, factors):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[0, :, :4] = 0.95  # saturated pixels make the clamps bite
+    p = torch.cat([one_view({field: f}) for f in factors])
+    out = data.augment(x, p, torch.arange(4), 'torchvision')
+    for i, f in enumerate(factors):  # each image with its own factor
+        assert (out[i] - TORCHVISION_OPS[field](x[i], f)).abs().max() < 1e-5
+
+
+def test_torchvision_jitter_applies_each_image_its_own_order():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    factors = dict(brightness=1.3, contrast=0.7, saturation=1.3, hue=0.05)
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    out = data.augment(x, one_view(factors).expand(2, -1), order, 'torchvision')
+    for i in range(2):
+        ref = x[i]
+        for op in order[i].tolist():
+            field = data.FIELDS[data.COL['brightness'] + op]
+            ref = TORCHVISION_OPS[field](ref, factors[field])
+        assert (out[i] - ref).abs().max() < 1e-5
+    gray = data.augment(x, one_view({'gray': 1}).expand(2, -1), torch.arange(4), 'torchvision')
+    assert (gray - TF.rgb_to_grayscale(x, 3)).abs().max() < 1e-6
+
+
 def test_grayscale_uses_kornia_weights():
     x = torch.rand(1, 3, 32, 32)
     out = data.augment(x, one_view({'gray': 1}), torch.arange(4))
     assert torch.allclose(out[:, 0], 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.110 * x[:, 2], atol=1e-6)
 
 
-def test_jitter_order_is_drawn_per_view_batch():
+def test_jitter_order_is_drawn_per_view_batch_officially_and_per_image_under_torchvision():
     g = torch.Generator().manual_seed(0)
-    orders = [data.sample_views(64, 32, g)[1] for _ in range(8)]
-    assert all(order.shape == (2, 4) and (order.sort(1).values == torch.arange(4)).all() for order in orders)
-    assert len({tuple(order[v].tolist()) for order in orders for v in (0, 1)}) > 1  # each batch its own
+    orders = [two_views(64, 32, g)[1] for _ in range(8)]
+    assert all((order.sort(2).values == torch.arange(4)).all() and (order == order[:, :1]).all() for order in orders)
+    assert len({tuple(order[v, 0].tolist()) for order in orders for v in (0, 1)}) > 1  # each view batch its own
+    order = data.sample(64, 32, g, 'torchvision')[1]
+    assert (order.sort(1).values == torch.arange(4)).all() and len({tuple(o) for o in order.tolist()}) > 10
 
 
 def test_sampler_distribution():
@@ -222,7 +262,7 @@ def test_sampler_distribution():
     for rate, expected in [(flip.mean(), 0.5), (gray.mean(), 0.2), ((sigma > 0).float().mean(), 0.5), (jittered, 0.8)]:
         assert abs(rate - expected) < 0.015  # 4.7 binomial standard deviations at n = 20000
     assert b.min() >= 0.6 and b.max() <= 1.4 and hue.abs().max() <= 0.1 and sigma.max() <= 2.0
-    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    assert order.shape == (20000, 4) and sorted(order[0].tolist()) == [0, 1, 2, 3]
 
 
 def test_parameter_standardisation():
@@ -239,13 +279,29 @@ def test_parameter_standardisation():
 
 def test_make_views_pairs_each_original_with_its_views():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    p, order = data.sample_views(4, 32, torch.Generator().manual_seed(0))
+    p, order = two_views(4, 32, torch.Generator().manual_seed(0))
     stats = data.param_stats(32, n=1000)
     x0, v1, v2, a1, a2 = data.make_views(images, p, order, data.STL10_NORM, stats)
     assert torch.allclose(x0, data.normalize(images.float() / 255, data.STL10_NORM))
     v2_ref = data.augment(images.float() / 255, p[1], order[1])
     assert torch.allclose(v2, data.normalize(v2_ref, data.STL10_NORM))
     assert torch.allclose(a1 * stats[1] + stats[0], p[0], atol=1e-4)
+
+
+def png(path):
+    return TF.pil_to_tensor(Image.open(path).convert('RGB'))
+
+
+def test_views_picture_shows_each_original_beside_its_labelled_views(tmp_path):
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data.show_views(images, str(tmp_path / 'views.png'))
+    img = png(tmp_path / 'views.png')
+    tile = 96 + 12 * 5 + 2  # a 96 px image above five lines of parameters
+    assert img.shape == (3, 4 * (tile + 4) + 4, 6 * (96 + 4) + 4)  # 8 images: x0 v1 v2 twice per row
+    x0 = TF.resize(images[1].float() / 255, [96, 96], antialias=True)
+    assert (img[:, 4:100, 304:400].float() / 255 - x0).abs().max() < 1 / 255 + 1e-6  # image 1's x0: row 0, column 3
+    label, padding = img[:, 100:tile + 4, 104:200], img[:, 4:100, 100:104]  # under v1 of image 0; between tiles
+    assert (padding == 255).all() and (label < 128).any() and (label == 255).float().mean() > 0.5
 
 
 # ---------------------------------------------------------------- model
@@ -446,6 +502,10 @@ def test_training_logs_every_epoch(full_run):
     assert [e['epoch'] for e in log] == [1, 2, 3] and log[-1]['lr'] < log[0]['lr']
     assert all(abs(sum(e['routing']['inv']) - 1) < 1e-4 and len(e['routing']['eq']) == 4 for e in log)
     assert all(0 <= e['knn_top1'] <= 1 and e['loss_inv'] > 0 and e['loss_eq'] > 0 for e in log)
+
+
+def test_run_writes_its_views_picture(full_run):
+    assert png(os.path.join(full_run, "views.png")).shape == (3, 4 * (96 + 62 + 4) + 4, 604)
 
 
 def test_encoder_export_of_a_run_loads_into_torchvision(full_run):
@@ -670,7 +730,7 @@ def free_port():
 
 def ddp_batch():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    p, order = data.sample_views(8, 32, torch.Generator().manual_seed(1))
+    p, order = two_views(8, 32, torch.Generator().manual_seed(1))
     return images, p, order, data.param_stats(32, n=1000)
 
 
@@ -683,7 +743,8 @@ def loss_and_grads(world, rank):
     b = len(images) // world
     part = slice(rank * b, (rank + 1) * b)
     run = {'norm': data.STL10_NORM, 'stats': stats}
-    l_inv, l_eq, _ = train.objective(net, images[part], p[:, part], order, run, 0.2)
+    views = (train.shard(t, rank, world) for t in (p, order))  # this process's share, as train.py takes it
+    l_inv, l_eq, _ = train.objective(net, images[part], *views, run, FLAGS)
     (l_inv + l_eq).backward()
     terms = torch.stack([l_inv, l_eq]).detach()
     if world > 1:
@@ -800,7 +861,7 @@ def test_episodes_drop_small_classes_and_draw_short_queries_with_replacement():
 
 def test_encoder_without_arguments_takes_its_pretraining_data(tmp_path, capsys):
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / 'encoder.pt')
-    _, size, norm = ev.load_encoder(str(tmp_path / 'encoder.pt'))
+    _, size, norm, _ = ev.load_encoder(str(tmp_path / 'encoder.pt'))
     assert size == 224 and norm == ev.PRETRAIN['imagenet100'][1] and 'imagenet100' in capsys.readouterr().out
     assert ev.load_encoder(str(tmp_path / 'encoder.pt'), 'stl10')[1] == 96
 
@@ -911,7 +972,7 @@ def test_official_checkpoint_layout_loads(tmp_path):
     torch.manual_seed(0)
     ref = torchvision.models.resnet18()
     torch.save({'backbone': ref.state_dict(), 'epoch': 200}, tmp_path / 'official.pth')
-    net, size, norm = ev.load_encoder(str(tmp_path / 'official.pth'))
+    net, size, norm, _ = ev.load_encoder(str(tmp_path / 'official.pth'))
     ref.fc = nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     assert size == 96 and norm == data.STL10_NORM and torch.equal(net.eval()(x), ref.eval()(x))
@@ -994,7 +1055,7 @@ def test_feature_cache_follows_the_checkpoint(stl, trained, tmp_path, monkeypatc
     ckpt = str(tmp_path / 'ckpt.pt')
     open(ckpt, 'wb').write(open(trained, 'rb').read())
     args = ev.get_args(['--ckpt', ckpt, '--dataset', 'stl10', '--data-dir', root, '--cache-dir', str(tmp_path / 'cache'), '--device', 'cpu'])
-    net, size, norm = ev.load_encoder(ckpt)
+    net, size, norm, _ = ev.load_encoder(ckpt)
     first = ev.features(args, net, size, norm)
     assert len(calls) == 2  # train and test
     again = ev.features(args, net, size, norm)
@@ -1002,7 +1063,7 @@ def test_feature_cache_follows_the_checkpoint(stl, trained, tmp_path, monkeypatc
     state = torch.load(ckpt, weights_only=True)
     state['model']['encoder.conv1.weight'] += 0.1
     torch.save(state, ckpt)
-    net, size, norm = ev.load_encoder(ckpt)
+    net, size, norm, _ = ev.load_encoder(ckpt)
     changed = ev.features(args, net, size, norm)
     assert len(calls) == 4 and not torch.equal(changed['test'][0], first['test'][0])
 
@@ -1015,7 +1076,7 @@ def test_feature_cache_follows_the_data_and_survives_corruption(trained, tmp_pat
     monkeypatch.setattr(train, 'encode', lambda *a, **k: calls.append(1) or encode(*a, **k))
     args = ev.get_args(['--ckpt', trained, '--dataset', 'shapes', '--data-dir', str(folder), '--device', 'cpu',
                         '--cache-dir', str(tmp_path / 'cache'), '--results', str(tmp_path / 'r.jsonl')])
-    net, size, norm = ev.load_encoder(trained)
+    net, size, norm, _ = ev.load_encoder(trained)
     ev.features(args, net, size, norm)
     ev.features(args, net, size, norm)
     assert len(calls) == 2  # train and test once
@@ -1076,7 +1137,7 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     assert analysis['chance_mrr'] == pytest.approx(sum(1 / k for k in range(1, 17)) / 16)
     assert 0 <= analysis['cca'] <= analysis['cca_top10'] <= 1 and abs(sum(analysis['routing_eq']) - 1) < 1e-4
     assert 1 <= analysis['erank_inv'] <= 20 and len(analysis['routing_inv']) == 4  # 20 test images, 4 experts
-    assert 0 <= analysis['cca_unpaired'] <= 1
+    assert 0 <= analysis['cca_unpaired'] <= 1 and png(analysis['routing_png']).shape[2] == 4 * 52 + 4
     table = run('eval_linear.py', '--summary', *common).stdout.splitlines()
     assert table[0].split() == ['linear', 'shapes', 'stl10', 'mean', 'avg', 'rank']
     name = f'{os.path.basename(os.path.dirname(trained))}/ckpt.pt {results[0]["ckpt_sha256"][:8]}'
@@ -1088,6 +1149,21 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     assert table[7].split() == ['analysis', *ev.ANALYSIS_COLUMNS] and table[8].startswith(f'{name} on stl10')
     assert [float(v) for v in table[8].split()[-len(ev.ANALYSIS_COLUMNS):]] == pytest.approx(
         [analysis[c] for c in ev.ANALYSIS_COLUMNS], abs=5e-4)
+
+
+def test_routing_picture_colours_each_routers_weights_and_marks_experts(tmp_path):
+    routing = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.0, 0.5, 0.1]])  # shared, inv, eq and unused experts
+    ev.show_routing(routing, str(tmp_path / 'routing.png'))
+    img = png(tmp_path / 'routing.png')
+    cell = 48 + 12 * 3 + 2  # a 48 px cell above three lines: router and expert, weight, kind
+    assert img.shape == (3, 3 * (cell + 4) + 4, 4 * (48 + 4) + 4)  # inv row, eq row, colour scale
+    colour = lambda row, k: img[:, 4 + row * (cell + 4) + 24, 4 + k * 52 + 24].tolist()
+    assert colour(1, 2) == [25, 51, 178] and colour(1, 1) == [255, 255, 255]  # the largest weight; zero
+    assert colour(0, 0)[2] < colour(0, 1)[2] < colour(0, 2)[2] < 255  # darker for more weight
+    assert colour(2, 3) == colour(1, 2)  # the scale ends at the largest weight
+    labels = [img[:, 4 + 48 + 1:4 + cell, 4 + k * 52:52 + k * 52] for k in range(4)]
+    assert all((label < 128).any() for label in labels)
+    assert (labels[0] < 128).sum() > (labels[3] < 128).sum()  # 'shared' written under expert 0, nothing under 3
 
 
 def test_analysis_of_an_encoder_without_heads_measures_its_frozen_features(stl, trained, tmp_path):
@@ -1166,13 +1242,16 @@ def test_pretraining_on_an_image_folder(tmp_path):
     for i in range(20):
         img = (torch.rand(3, 40 + i, 50, generator=g) * 255).to(torch.uint8)
         TF.to_pil_image(img).save(tmp_path / f'{i}.png')
-    out = str(tmp_path / 'run')
+    inside = run('train.py', '--dataset', 'folder', '--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'run'))
+    assert inside.returncode == 1 and 'inside --data-dir' in inside.stderr and len(os.listdir(tmp_path)) == 20
+    out = str(tmp_path.parent / f'{tmp_path.name}-run')
     proc = run('train.py', '--dataset', 'folder', '--data-dir', str(tmp_path), '--out-dir', out, '--epochs', '1',
                '--batch-size', '8', '--experts', '2', '--image-size', '32')
     assert proc.returncode == 0, proc.stderr
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     images, _, _ = data.image_folder(str(tmp_path), 32)
-    assert torch.allclose(torch.tensor(ckpt['norm']), torch.tensor(data.channel_stats(images)))
+    x = images.float().div(255).transpose(0, 1).flatten(1)
+    assert torch.allclose(torch.tensor(ckpt['norm']), torch.stack([x.mean(1), x.std(1)]))
     assert abs(ckpt['norm'][0][0] - 0.5) < 0.02  # uniform noise; resizing smooths it, so its std is below 1/sqrt(12)
     log = read_log(out)
     assert len(log) == 1 and 'knn_top1' not in log[0]  # no labelled splits, no monitor

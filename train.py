@@ -35,7 +35,7 @@ def get_args(argv=None):
     p.add_argument('--dataset', choices=['stl10', 'folder'], default='stl10', help='stl10: STL-10 train+unlabeled '
                    '(105k images, downloaded into --data-dir when online); folder: every image below --data-dir')
     p.add_argument('--data-dir', default='data', help='holds stl10_binary/ for stl10; the image folder for folder')
-    p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt (torchvision weights), log.jsonl')
+    p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt, log.jsonl, views.png')
     p.add_argument('--arch', choices=['resnet18', 'resnet50'], default='resnet18', help='torchvision encoder')
     p.add_argument('--heads', choices=['star', 'shared', 'separate'], default='star', help='star: N soft-routed '
                    'experts; shared: STAR-SS (E_inv + E_sh, E_eq + E_sh); separate: EquiMod-style')
@@ -43,6 +43,8 @@ def get_args(argv=None):
     p.add_argument('--eq-weight', type=float, default=1.0, help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR '
                    'baseline: one head, no x0 pass, no psi/phi')
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
+    p.add_argument('--jitter', choices=list(data.JITTER), default='official', help="colour jitter: official is the "
+                   "authors' (kornia 0.4.1, one order per view batch); torchvision's adjust_* (one order per image)")
     p.add_argument('--epochs', type=int, default=200, help='epochs; the cosine schedule spans all of them')
     p.add_argument('--save-every', type=int, default=10, help='keep encoder-EPOCH.pt every this many epochs; 0: never')
     p.add_argument('--batch-size', type=int, default=256, help='global batch, split over the processes')
@@ -57,6 +59,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.experts is not None and args.heads != 'star':
         fail(f'--experts sets N for --heads star; --heads {args.heads} has fixed experts (drop --experts)')
+    data_dir = os.path.realpath(args.data_dir)
+    if args.dataset == 'folder' and os.path.commonpath([os.path.realpath(args.out_dir), data_dir]) == data_dir:
+        fail(f'--out-dir {args.out_dir} is inside --data-dir: its files would become training images; move it out')
     args.heads = 'simclr' if args.eq_weight == 0 else args.heads  # one head, no equivariant task
     args.experts = (args.experts or 16) if args.heads == 'star' else None
     require(args, {'batch_size': 2, 'experts': 2, 'image_size': 32, 'epochs': 1, 'save_every': 0,
@@ -104,14 +109,13 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
 
 @torch.no_grad()
-def encode(encoder, images, norm, device, p=None, order=None, batch=256):
-    """Pooled encoder features of uint8 images, or of their views given parameters p (N x 11) and jitter order: eval
-    mode, float32; on the CPU."""
+def encode(encoder, images, norm, device, views=None, jitter='official', batch=256):
+    """Pooled features (eval mode, float32, on the CPU) of uint8 images, or of their views (p, order) if given."""
     encoder.eval()
     feats = []
     for i in tqdm(range(0, len(images), batch), desc='encoding', leave=False):
         x = images[i:i + batch].to(device).float().div(255)
-        x = x if p is None else data.augment(x, p[i:i + batch].to(device), order)
+        x = x if views is None else data.augment(x, *(v[i:i + batch].to(device) for v in views), jitter)
         feats.append(encoder(data.normalize(x, norm)).cpu())
     return torch.cat(feats)
 
@@ -123,28 +127,27 @@ def knn_top1(train, train_y, test, test_y):
     return (train_y[nearest] == test_y).float().mean().item()
 
 
-def objective(net, images, p, order, run, tau):
+def objective(net, images, p, order, run, args):
     """L_inv and L_eq of one batch (L_eq = 0 for SimCLR), and the forward pass's named parts."""
-    views = data.make_views(images, p, order, run['norm'], run['stats'])
+    views = data.make_views(images, p, order, run['norm'], run['stats'], args.jitter)
     if images.is_cuda:
         views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):  # bf16 on GPUs
         out = net(*views)
-    l_inv = nt_xent(*out['z_inv'], tau)
-    l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), tau) if 'z_eq' in out else l_inv.new_zeros(())
+    l_inv = nt_xent(*out['z_inv'], args.tau)
+    l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), args.tau) if 'z_eq' in out else 0 * l_inv
     return l_inv, l_eq, out
 
 
 def lr_at(args, epoch):
-    """The learning rate of an epoch: CosineAnnealingLR(T_max = epochs) stepped once per epoch, no warm-up, from
-    lr * batch / 256."""
+    """CosineAnnealingLR(T_max = epochs) from lr * batch / 256, stepped once per epoch, no warm-up."""
     return args.lr * args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
 
 
 def shard(x, rank, world):
-    """This process's contiguous share of a global-batch tensor (the batch is dimension 0)."""
-    b = len(x) // world
-    return x[rank * b:(rank + 1) * b]
+    """This process's contiguous share of a global batch: dimension 1 of the views' (2 x B x ...) tensors."""
+    b = x.shape[1] // world
+    return x[:, rank * b:(rank + 1) * b]
 
 
 def save(obj, path):
@@ -170,8 +173,7 @@ def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError):
-        fail(f'the weights in {path} do not fit this model (another architecture, heads, or version of this code); '
-             'check the checkpoint, or start afresh with --overwrite')
+        fail(f'the weights in {path} do not fit this model (another architecture, heads or version of this code)')
 
 
 def start_processes(args):
@@ -193,18 +195,17 @@ def open_run(args, rank):
     resume refuses changed flags other than RESUMABLE ones, whose changes it prints."""
     path = os.path.join(args.out_dir, 'ckpt.pt')
     if os.path.exists(path) and not (args.resume or args.overwrite):
-        fail(f'{args.out_dir} holds a run (ckpt.pt): continue it with --resume, replace it with --overwrite, '
-             'or choose another --out-dir')
+        fail(f'{args.out_dir} holds a run (ckpt.pt): continue it with --resume or replace it with --overwrite')
     if not args.resume:
         return None
     ckpt = load_checkpoint(path)
     if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
-    changed = {k: (ckpt['args'].get(k), v) for k, v in vars(args).items() if ckpt['args'].get(k) != v}
+    changed = {k: (ckpt['args'].get(k, 'official' if k == 'jitter' else None), v) for k, v in vars(args).items()}
+    changed = {k: (a, b) for k, (a, b) in changed.items() if a != b}
     refused = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
     if refused:
-        fail(f'--resume: {path} was trained with other flags ({refused}); pass its flags, --overwrite, or a new '
-             '--out-dir')
+        fail(f'--resume: {path} was trained with other flags ({refused}); pass its flags or use --overwrite')
     for k, (a, b) in changed.items():
         if k not in ('resume', 'overwrite') and rank == 0:
             print(f'--resume: {k} was {a}, now {b}')
@@ -212,8 +213,7 @@ def open_run(args, rank):
 
 
 def lock(out_dir):
-    """An OS lock on OUT_DIR/lock, held while the returned file is open and released even if the process is killed:
-    a second run on the folder is refused."""
+    """An OS lock on OUT_DIR/lock while the file returned is open (even a killed run releases it)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         f = open(os.path.join(out_dir, 'lock'), 'w')
@@ -227,9 +227,10 @@ def lock(out_dir):
 
 def load_data(args):
     """Pretraining images (uint8), their normalisation, and the labelled splits of the 1-NN monitor (or None)."""
-    if args.dataset == 'folder':
+    if args.dataset == 'folder':  # normalised by the channels' mean and std over up to 10,000 images
         images, _, _ = data.image_folder(args.data_dir, args.image_size)
-        return images, data.channel_stats(images), None
+        x = images[:: max(1, len(images) // 10000)].float().div(255).transpose(0, 1).flatten(1)
+        return images, (tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())), None
     images, labels = data.stl10(args.data_dir, 'train+unlabeled', args.image_size)
     monitor = (images[labels >= 0], labels[labels >= 0], *data.stl10(args.data_dir, 'test', args.image_size))
     return images, data.STL10_NORM, monitor
@@ -243,13 +244,13 @@ def train_epoch(net, opt, images, epoch, args, run):
     for group in opt.param_groups:  # the schedule: constant within an epoch
         group['lr'] = lr
     for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
-        # this step's global batch and augmentations, a function of (seed, epoch, step); this process's share
+        # the global batch and its views' parameters, a function of (seed, epoch, step); this process's share
         g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
-        p, order = data.sample_views(args.batch_size, args.image_size, g)
-        idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], rank, world)
-        p = shard(p.transpose(0, 1), rank, world).transpose(0, 1)
+        p, order = map(torch.stack, zip(*(data.sample(args.batch_size, args.image_size, g, args.jitter) for _ in 'vv')))
+        idx = shard(perm[None, step * args.batch_size:(step + 1) * args.batch_size], rank, world)[0]
         # forward and the loss L = L_inv + lambda L_eq
-        l_inv, l_eq, out = objective(net, images[idx].to(run['device']), p, order, run, args.tau)
+        l_inv, l_eq, out = objective(net, images[idx].to(run['device']), *(shard(t, rank, world) for t in (p, order)),
+                                     run, args)
         loss = l_inv + args.eq_weight * l_eq
         # stop on a non-finite loss, before anything of this epoch is saved
         terms = torch.stack([l_inv, l_eq]).detach()
@@ -308,6 +309,7 @@ def pretrain(args, ckpt, world, rank, device):
     if rank == 0:  # the log holds the checkpoint's epochs (none for a new run); later lines are redone
         with open(os.path.join(args.out_dir, 'log.jsonl'), 'w') as f:
             f.writelines(json.dumps(e) + '\n' for e in history)
+        data.show_views(images, os.path.join(args.out_dir, 'views.png'), args.jitter)
         print(f'{"resuming from epoch " + str(start) if ckpt else "starting"} of {args.epochs}: {args.dataset}, '
               f'{len(images)} images, {steps} steps of {args.batch_size} per epoch, {device} '
               f'({"bf16" if device.type == "cuda" else "float32"}), {world} process(es), writing to {args.out_dir}')

@@ -33,6 +33,11 @@ def timed(fn, device, repeats):
     return sorted(times)[len(times) // 2]
 
 
+def two_views(b, size, g):
+    """Parameters (2 x b x 11) and colour orders (2 x b x 4) of two views of b images, as train.py draws them."""
+    return map(torch.stack, zip(*(data.sample(b, size, g) for _ in range(2))))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--batch-size', type=int, default=64)
@@ -44,14 +49,14 @@ def main():
     device, b, s = torch.device(args.device), args.batch_size, args.image_size
     images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)
     stats = data.param_stats(s)
-    params, order = data.sample_views(b, s, torch.Generator().manual_seed(0))
-    run = {'norm': data.STL10_NORM, 'stats': stats}
+    params, order = two_views(b, s, torch.Generator().manual_seed(0))
+    run, flags = {'norm': data.STL10_NORM, 'stats': stats}, argparse.Namespace(jitter='official', tau=0.2)
 
     def step_fn(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step():
-            l_inv, l_eq, _ = train.objective(model, images.to(device), params, order, run, 0.2)
+            l_inv, l_eq, _ = train.objective(model, images.to(device), params, order, run, flags)
             opt.zero_grad()
             (l_inv + l_eq).backward()
             opt.step()
@@ -81,7 +86,7 @@ def main():
                      T.ToTensor(), T.Normalize(*data.STL10_NORM)])
     pil_images = [T.functional.to_pil_image(x) for x in images]
     t_pil = timed(lambda: [torch.stack([pil(x) for x in pil_images]) for _ in range(2)], device, args.repeats)
-    t_batched = timed(lambda: data.make_views(images.to(device), *data.sample_views(b, s, torch.Generator()),
+    t_batched = timed(lambda: data.make_views(images.to(device), *two_views(b, s, torch.Generator()),
                                               data.STL10_NORM, stats), device, args.repeats)
 
     print(f'device {device}, batch {b}, {s} px, ResNet-18, {args.experts} experts, median of {args.repeats}')
