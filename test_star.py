@@ -607,6 +607,7 @@ MISTAKES = [
     ('lock', ['train.py', '--epochs', '2', '--resume'], 'another run is using'),
     (None, ['train.py', '--epochs', '2', '--resume', '--seed', '1'], 'seed: 0 there, 1 here'),
     (None, ['train.py', '--epochs', '2', '--resume', '--batch-size', '8'], 'batch_size: 16 there, 8 here'),
+    (None, ['train.py', '--epochs', '2', '--resume', '--jitter', 'torchvision'], 'jitter: official there, torchvision'),
     ('list', ['train.py', '--epochs', '2', '--resume'], 'holds a list, not a checkpoint'),
     ('truncated', ['train.py', '--epochs', '2', '--overwrite'], 'test_X.bin is truncated'),
     ('labels', ['train.py', '--epochs', '2', '--overwrite'], 'train_y.bin is truncated'),
@@ -743,7 +744,7 @@ def loss_and_grads(world, rank):
     b = len(images) // world
     part = slice(rank * b, (rank + 1) * b)
     run = {'norm': data.STL10_NORM, 'stats': stats}
-    views = (train.shard(t, rank, world) for t in (p, order))  # this process's share, as train.py takes it
+    views = (train.shard(t, rank, world, dim=1) for t in (p, order))  # this process's share, as train.py takes it
     l_inv, l_eq, _ = train.objective(net, images[part], *views, run, FLAGS)
     (l_inv + l_eq).backward()
     terms = torch.stack([l_inv, l_eq]).detach()

@@ -144,10 +144,10 @@ def lr_at(args, epoch):
     return args.lr * args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
 
 
-def shard(x, rank, world):
-    """This process's contiguous share of a global batch: dimension 1 of the views' (2 x B x ...) tensors."""
-    b = x.shape[1] // world
-    return x[:, rank * b:(rank + 1) * b]
+def shard(x, rank, world, dim=0):
+    """This process's contiguous share of a global-batch tensor whose batch dimension is `dim`."""
+    b = x.shape[dim] // world
+    return x.narrow(dim, rank * b, b)
 
 
 def save(obj, path):
@@ -246,11 +246,11 @@ def train_epoch(net, opt, images, epoch, args, run):
     for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
         # the global batch and its views' parameters, a function of (seed, epoch, step); this process's share
         g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
-        p, order = map(torch.stack, zip(*(data.sample(args.batch_size, args.image_size, g, args.jitter) for _ in 'vv')))
-        idx = shard(perm[None, step * args.batch_size:(step + 1) * args.batch_size], rank, world)[0]
+        views = [data.sample(args.batch_size, args.image_size, g, args.jitter) for _ in range(2)]
+        p, order = (shard(torch.stack(t), rank, world, dim=1) for t in zip(*views))  # 2 x B x 11, 2 x B x 4
+        idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], rank, world)
         # forward and the loss L = L_inv + lambda L_eq
-        l_inv, l_eq, out = objective(net, images[idx].to(run['device']), *(shard(t, rank, world) for t in (p, order)),
-                                     run, args)
+        l_inv, l_eq, out = objective(net, images[idx].to(run['device']), p, order, run, args)
         loss = l_inv + args.eq_weight * l_eq
         # stop on a non-finite loss, before anything of this epoch is saved
         terms = torch.stack([l_inv, l_eq]).detach()
