@@ -42,7 +42,8 @@ WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validati
 GROUPS = {'crop': [0, 1, 2, 3], 'flip': [4], 'colour': [5, 6, 7, 8], 'gray': [9], 'blur': [10], 'all': list(range(11))}
 ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr', 'frozen_hit1',
                     'frozen_pre', 'r2_all']
-SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'pool', 'chance_mrr', *ANALYSIS_COLUMNS]
+SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'pool', 'chance_mrr', *ANALYSIS_COLUMNS,
+         'routing_png']
 
 
 def get_args(argv=None):
