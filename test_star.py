@@ -1229,11 +1229,11 @@ def test_torchrun_two_processes_trains_like_one(stl, tmp_path):
     torch.manual_seed(0)
     init = STAR('resnet18', 'star', 4).state_dict()
     moved = max((a[k] - init[k]).abs().max() for k in a if a[k].is_floating_point())
-    # weights after 5 steps on the same global batches (seen: 8.4e-6 of 1.1); BN running variances relative to
-    # their value (seen: 4.4e-4): the synchronised moments are E[x^2] - E[x]^2, which loses digits when mean^2 >> var
+    # weights after 5 steps on the same global batches (seen: 3.4e-6 of 1.1); BN running variances relative to
+    # their value (seen: 3.4e-5), both from float sums taken in another order across two processes
     worst = max((a[k] - b[k]).abs().max() for k in a if a[k].is_floating_point() and 'running' not in k)
     assert worst < 1e-4 * moved, (moved, worst)
-    assert max(((a[k] - b[k]).abs() / a[k].abs()).max() for k in a if 'running_var' in k) < 2e-3
+    assert max(((a[k] - b[k]).abs() / a[k].abs()).max() for k in a if 'running_var' in k) < 3e-4
     assert [e['epoch'] for e in read_log(two)] == [1]
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import data
 from data import fail
-from losses import AllReduce, nt_xent
+from losses import gather, nt_xent
 from model import STAR
 
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
@@ -86,8 +86,8 @@ def check_device(name):
 
 
 class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
-    """torch's SyncBatchNorm for CPU processes (gloo), which torch's own refuses: batch moments summed over all
-    processes with gradient, so BN sees the global batch. On GPUs nn.SyncBatchNorm is used."""
+    """SyncBatchNorm for CPU processes (gloo), which torch's own refuses: each process normalises the global batch,
+    gathered with gradient, and keeps its own rows, as one process would. On GPUs nn.SyncBatchNorm is used."""
 
     def _check_input_dim(self, x):
         pass
@@ -95,17 +95,7 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        moments = AllReduce.apply(torch.stack([x.sum(dims), (x * x).sum(dims)])) / n
-        mean, var = moments[0], moments[1] - moments[0] ** 2
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+        return shard(super().forward(gather(x)), dist.get_rank(), dist.get_world_size())
 
 
 @torch.no_grad()
