@@ -42,8 +42,8 @@ WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validati
 GROUPS = {'crop': [0, 1, 2, 3], 'flip': [4], 'colour': [5, 6, 7, 8], 'gray': [9], 'blur': [10], 'all': list(range(11))}
 ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr', 'frozen_hit1',
                     'frozen_pre', 'r2_all']
-SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'pool', 'chance_mrr', *ANALYSIS_COLUMNS,
-         'routing_png']
+SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'chance_mrr',
+         'cca_unpaired', *ANALYSIS_COLUMNS, 'routing_png']
 
 
 def get_args(argv=None):
@@ -325,7 +325,8 @@ def view_features(net, images, norm, device, stats, jitter, views, seed=0):
     """Features h(x0) (N x d), h(v) of `views` views per image (N x views x d), standardised parameters a."""
     g = torch.Generator().manual_seed(seed)
     draws = [data.sample(len(images), images.shape[-1], g, jitter) for _ in range(views)]
-    h_v = torch.stack([train.encode(net, images, norm, device, d, jitter) for d in tqdm(draws, desc='views')], 1)
+    bar = tqdm(draws, desc='views', leave=False)
+    h_v = torch.stack([train.encode(net, images, norm, device, d, jitter) for d in bar], 1)
     a = (torch.stack([p for p, _ in draws], 1) - stats[0]) / stats[1]
     return train.encode(net, images, norm, device), h_v, a
 
@@ -382,6 +383,10 @@ def analyze(args, net, size, norm, ckpt, picture, views=16):
     return out | (model_analysis(model, t0, t_v, t_a, picture) if model else {})
 
 
+def rank(value, values):
+    return sum(v > value for v in values) + (sum(v == value for v in values) + 1) / 2
+
+
 def table(task, rows):
     """Rows {checkpoint: {column: value}} as text; a linear probe adds the mean and average rank (ties share) over
     the data sets every row has."""
@@ -390,9 +395,8 @@ def table(task, rows):
     common = [c for c in columns if all(c in row for row in rows.values())]
     if task == 'linear' and common:
         for row in rows.values():
-            ranks = [sum(o[d] > row[d] for o in rows.values()) + (sum(o[d] == row[d] for o in rows.values()) + 1) / 2
-                     for d in common]
-            row['mean'], row['avg rank'] = sum(row[d] for d in common) / len(common), sum(ranks) / len(common)
+            row['mean'] = sum(row[d] for d in common) / len(common)
+            row['avg rank'] = sum(rank(row[d], [o[d] for o in rows.values()]) for d in common) / len(common)
         columns += ['mean', 'avg rank']
     width, digits = max(len(n) for n in rows), 3 if task == 'analysis' else 2
     lines = [f'{task:<{width}} ' + ' '.join(f'{c:>9}' for c in columns)]
@@ -424,6 +428,13 @@ def summary(path):
     return '\n\n'.join(out + ([f'skipped {bad} unreadable lines of {path}'] if bad else []))
 
 
+def readable(r):
+    """The result's main numbers on one line, accuracies in %."""
+    cells = [f'{k} {100 * r[k]:.2f}%' if k in ('accuracy', 'val_accuracy', 'ci95') else
+             f'{k} {r[k]:.4g}' if isinstance(r[k], float) else f'{k} {r[k]}' for k in SHOWN if k in r]
+    return f'{r["name"]} on {r["dataset"]}, {r["task"]}: ' + ', '.join(cells)
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.summary:
@@ -446,9 +457,7 @@ def main(argv=None):
         result |= {'task': 'linear', 'metric': metric,
                    **linear_probe(feats, args.dataset, metric == 'mean-per-class', args.device)}
     result |= {'ckpt': path, 'ckpt_sha256': digest, 'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
-    shown = [f'{k} {100 * result[k]:.2f}%' if k in ('accuracy', 'val_accuracy', 'ci95') else f'{k} {result[k]:.4g}'
-             if isinstance(result[k], float) else f'{k} {result[k]}' for k in SHOWN if k in result]
-    print(f'{result["name"]} on {args.dataset}, {result["task"]}: ' + ', '.join(shown))
+    print(readable(result))
     with open(args.results, 'a') as f:
         f.write(json.dumps(result) + '\n')
 

@@ -124,8 +124,9 @@ def objective(net, images, p, order, run, args):
         views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):  # bf16 on GPUs
         out = net(*views)
-    l_inv = nt_xent(*out['z_inv'], args.tau)
-    l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), args.tau) if 'z_eq' in out else 0 * l_inv
+    tau = args.tau
+    l_inv = nt_xent(*out['z_inv'], tau)
+    l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), tau) if 'z_eq' in out else l_inv.new_zeros(())
     return l_inv, l_eq, out
 
 
@@ -191,7 +192,8 @@ def open_run(args, rank):
     ckpt = load_checkpoint(path)
     if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
-    changed = {k: (ckpt['args'].get(k, 'official' if k == 'jitter' else None), v) for k, v in vars(args).items()}
+    older = {'jitter': 'official'}  # what checkpoints written before a flag existed were trained with
+    changed = {k: (ckpt['args'].get(k, older.get(k)), v) for k, v in vars(args).items()}
     changed = {k: (a, b) for k, (a, b) in changed.items() if a != b}
     refused = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
     if refused:
