@@ -199,11 +199,12 @@ JITTER = {'official': ([lambda x, f: (x + f.view(-1, 1, 1, 1) - 1).clamp_(0, 1),
 def augment(x, p, order, jitter='official'):
     """Views of float images x in [0, 1] from parameters p (n x 11): crop, flip, colour in `order`, gray, blur."""
     ops, weights = JITTER[jitter]
-    x, order = crop_flip(x, p), order.expand(len(x), 4)
+    x, order = crop_flip(x, p), order.cpu().expand(len(x), 4)  # on the CPU: an operation no image takes costs nothing
     for step in range(4):
         for op, fn in enumerate(ops):  # each operation only on the samples it moves, so the identity is exact
-            f = p[:, COL['brightness'] + op]
-            x = apply_to(x, (order[:, step] == op) & (f != IDENTITY[op]), fn, f)
+            rows, f = order[:, step] == op, p[:, COL['brightness'] + op]
+            if rows.any():
+                x = apply_to(x, rows.to(x.device) & (f != IDENTITY[op]), fn, f)
     x = apply_to(x, p[:, COL['gray']] > 0, lambda y, _: gray(y, weights).expand_as(y), p[:, COL['gray']])
     return apply_to(x, p[:, COL['sigma']] > 0, gaussian_blur, p[:, COL['sigma']])
 
@@ -221,7 +222,7 @@ def make_views(images, p, order, norm, stats, jitter='official'):
     x0 (the normalised original), views v1, v2 and standardised parameters a1, a2."""
     x = images.float().div(255)
     mean, std = (s.to(x.device) for s in stats)
-    p, order = p.to(x.device), order.to(x.device)
+    p = p.to(x.device)
     v1, v2 = (normalize(augment(x, p[i], order[i], jitter), norm) for i in range(2))
     return normalize(x, norm), v1, v2, (p[0] - mean) / std, (p[1] - mean) / std
 

@@ -366,11 +366,11 @@ def show_routing(routing, path):
 def analyze(args, net, size, norm, ckpt, picture, views=16):
     """Equivariance of any encoder's frozen features, fitted on train, scored on test: ridge R^2 of a from [h(x0);
     h(v)], and a fitted predictor's ranking among `views` views per image; model_analysis for equivariant heads."""
-    run, model = ckpt.get('args', {}), None
+    run, model = {**train.OLDER, **ckpt.get('args', {})}, None
     if run.get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
         model = STAR(run['arch'], run['heads'], run['experts'])
         train.load_weights(model, ckpt['model'], args.ckpt)
-    net, stats, jitter = net.to(args.device), data.param_stats(size), run.get('jitter', 'official')
+    net, stats, jitter = net.to(args.device), data.param_stats(size), run['jitter']
     (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size)[0], norm,
                                                   args.device, stats, jitter, views) for split in ('train', 'test'))
     pairs = [torch.cat([x.unsqueeze(1).expand_as(v), v], 2).flatten(0, 1) for x, v in ((h0, h_v), (t0, t_v))]

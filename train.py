@@ -24,6 +24,7 @@ from model import STAR
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
 RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'eval_interval', 'save_every', 'resume',
              'overwrite')
+OLDER = {'jitter': 'official'}  # what checkpoints written before a flag existed were trained with
 
 
 class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -105,7 +106,7 @@ def encode(encoder, images, norm, device, views=None, jitter='official', batch=2
     feats = []
     for i in tqdm(range(0, len(images), batch), desc='encoding', leave=False):
         x = images[i:i + batch].to(device).float().div(255)
-        x = x if views is None else data.augment(x, *(v[i:i + batch].to(device) for v in views), jitter)
+        x = x if views is None else data.augment(x, views[0][i:i + batch].to(device), views[1][i:i + batch], jitter)
         feats.append(encoder(data.normalize(x, norm)).cpu())
     return torch.cat(feats)
 
@@ -192,8 +193,8 @@ def open_run(args, rank):
     ckpt = load_checkpoint(path)
     if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
-    older = {'jitter': 'official'}  # what checkpoints written before a flag existed were trained with
-    changed = {k: (ckpt['args'].get(k, older.get(k)), v) for k, v in vars(args).items()}
+    trained = {**OLDER, **ckpt['args']}
+    changed = {k: (trained.get(k), v) for k, v in vars(args).items()}
     changed = {k: (a, b) for k, (a, b) in changed.items() if a != b}
     refused = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
     if refused:
