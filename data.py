@@ -190,7 +190,7 @@ TV_GRAY = (0.2989, 0.587, 0.114)
 # f - 1, contrast scales every pixel, both clamped; saturation scales HSV's S); torchvision: its adjust_* functions.
 JITTER = {'official': ([lambda x, f: (x + f.view(-1, 1, 1, 1) - 1).clamp_(0, 1),
                         lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp_(0, 1), hsv_saturation, hue],
-                       (0.299, 0.587, 0.110)),
+                       (0.299, 0.587, 0.114)),
           'torchvision': ([lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp_(0, 1),
                            lambda x, f: blend(x, gray(x, TV_GRAY).mean((2, 3), keepdim=True), f),
                            lambda x, f: blend(x, gray(x, TV_GRAY), f), hue], TV_GRAY)}

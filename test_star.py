@@ -1,6 +1,8 @@
 """The specification of this implementation: pytest -q test_star.py (CPU, offline, a few minutes on 2 cores)."""
 import argparse
+import ast
 import fcntl
+import io
 import json
 import math
 import os
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import tokenize
 
 import pytest
 import torch
@@ -28,7 +31,7 @@ from model import STAR, Experts, Heads
 from train import CPUSyncBatchNorm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FLAGS = argparse.Namespace(jitter='official', tau=0.2)  # what train.objective reads of the command line
+FLAGS = argparse.Namespace(jitter='official', tau=0.2, precision='fp32')  # what train.objective reads of the command line
 
 
 def two_views(b, size, g, jitter='official'):
@@ -241,7 +244,7 @@ def test_torchvision_jitter_applies_each_image_its_own_order():
 def test_grayscale_uses_kornia_weights():
     x = torch.rand(1, 3, 32, 32)
     out = data.augment(x, one_view({'gray': 1}), torch.arange(4))
-    assert torch.allclose(out[:, 0], 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.110 * x[:, 2], atol=1e-6)
+    assert torch.allclose(out[:, 0], 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2], atol=1e-6)
 
 
 def test_jitter_order_is_drawn_per_view_batch_officially_and_per_image_under_torchvision():
@@ -343,6 +346,18 @@ def test_each_router_gives_a_distribution_over_experts():
     weights = heads.routing(torch.randn(8, 32))
     assert all(torch.allclose(w.sum(1), torch.ones(8)) and (w > 0).all() for w in weights)
     assert not torch.allclose(weights[0], weights[1])  # two routers, one per task
+
+
+def test_routing_weights_pass_gradient_to_the_features():
+    """With the experts' outputs held fixed, the loss still depends on h through s = softmax(R(h))."""
+    torch.manual_seed(0)
+    heads = Heads('star', 32, n_experts=5)
+    e = torch.randn(8, 5, 128)
+    heads.experts.forward = lambda h: e
+    h = torch.randn(8, 32, requires_grad=True)
+    out = heads(h)
+    (out['z_inv'].square().sum() + out['z_eq'].square().sum()).backward()
+    assert h.grad is not None and h.grad.abs().min() > 0
 
 
 def test_uniform_router_averages_the_experts():
@@ -466,6 +481,15 @@ def test_nt_xent_closed_forms():
     assert math.isclose(nt_xent(e[:m], e[m:], tau).item(), math.log(2 * m - 1), rel_tol=1e-5)
 
 
+def test_nt_xent_uses_its_temperature():
+    """a = (e1, e2), b = (e1, e3): the anchors of image 0 see their positive at similarity 1 and two negatives at 0;
+    those of image 1 see three keys at 0. Mean of 2 log(1 + 2 e^{-1/tau}) and 2 log 3, here at tau = 0.5."""
+    e = torch.eye(3)
+    a, b = torch.stack([e[0], e[1]]), torch.stack([e[0], e[2]])
+    expected = (2 * math.log(1 + 2 * math.exp(-1 / 0.5)) + 2 * math.log(3)) / 4
+    assert math.isclose(nt_xent(a, b, 0.5).item(), expected, rel_tol=1e-5)
+
+
 def test_equivariant_loss_treats_other_view_as_negative():
     tau = 0.2
     t0, t1, t1b = torch.eye(3)  # image 0's two views embed identically (t0, t0); image 1's differ (t1, t1b)
@@ -531,6 +555,33 @@ def test_killed_run_resumed_equals_uninterrupted_run(stl, full_run, tmp_path):
     assert a['epoch'] == b['epoch'] == 3
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert [e['epoch'] for e in read_log(killed)] == [1, 2, 3]
+
+
+def test_views_are_a_function_of_seed_epoch_and_step():
+    args = argparse.Namespace(seed=3, batch_size=8, image_size=32, jitter='official')
+    p, order = train.step_views(args, epoch=1, step=2)
+    assert p.shape == (2, 8, 11) and order.shape == (2, 8, 4)
+    assert all(torch.equal(x, y) for x, y in zip((p, order), train.step_views(args, 1, 2)))
+    for other in (train.step_views(args, 2, 2)[0], train.step_views(args, 1, 3)[0]):
+        assert (other[:, :, :4] != p[:, :, :4]).any(2).all()  # every view's crop differs in another epoch or step
+
+
+def test_one_step_moves_the_weights_linearly_in_lambda(tmp_path):
+    """One SGD step from the same weights: the update is lr (g_inv + lambda g_eq + wd w), so the weights after
+    lambda = 0, 1, 2 lie on a line with equal, non-zero gaps."""
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    args = train.get_args(['--batch-size', '8', '--experts', '2', '--image-size', '32', '--out-dir', str(tmp_path)])
+    run = {'rank': 0, 'world': 1, 'device': torch.device('cpu'), 'norm': data.STL10_NORM,
+           'stats': data.param_stats(32, n=1000)}
+    after = []
+    for args.eq_weight in (0.0, 1.0, 2.0):
+        torch.manual_seed(0)
+        model = STAR('resnet18', 'star', 2)
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+        train.train_epoch(model, opt, images, 0, args, run)
+        after.append(model.heads.experts.w3.detach().clone())
+    gap1, gap2 = after[1] - after[0], after[2] - after[1]
+    assert gap1.abs().max() > 1e-6 and torch.allclose(gap1, gap2, atol=1e-3 * gap1.abs().max())
 
 
 def test_learning_rate_follows_cosine_annealing_per_epoch():
@@ -844,6 +895,28 @@ def test_one_vs_rest_solves_two_points_by_hand():
         t = (lo + hi) / 2
         lo, hi = (t, hi) if t < 2 * torch.sigmoid(torch.tensor(-t)) else (lo, t)
     assert theta.flatten().tolist() == pytest.approx([t, -t, 0.0, 0.0], abs=1e-3)  # float32, as above
+
+
+def test_one_vs_rest_penalises_the_intercept():
+    """All x = 0, three of class 0 and one of class 1: theta = 0 and class 0's intercept minimises b^2/2 +
+    3 log(1 + e^-b) + log(1 + e^b), so b = 3 sigmoid(-b) - sigmoid(b), about 0.5; unpenalised it would be log 3."""
+    theta = ev.one_vs_rest(torch.zeros(1, 4, 1), torch.tensor([[0, 0, 0, 1]]), 2)[0]
+    lo, hi = 0.0, 2.0
+    for _ in range(60):
+        b = (lo + hi) / 2
+        lo, hi = (b, hi) if b < 3 * torch.sigmoid(torch.tensor(-b)) - torch.sigmoid(torch.tensor(b)) else (lo, b)
+    assert theta.flatten().tolist() == pytest.approx([0.0, 0.0, b, -b], abs=1e-3)
+    assert abs(b - math.log(3)) > 0.5
+
+
+def test_few_shot_queries_are_drawn_without_replacement_when_a_class_has_enough():
+    labels = torch.tensor([0] * 21 + [1] * 30 + [2] * 30 + [3] * 30 + [4] * 8)  # 21 = k + 16 exactly
+    support, query, _, _ = ev.episodes(labels, n=40, k=5, queries=16)
+    for s, q in zip(support.view(40, 5, 5), query.view(40, 5, 16)):
+        for s_c, q_c in zip(s, q):
+            distinct = len(set(q_c.tolist()))
+            assert distinct <= 3 if labels[s_c[0]] == 4 else distinct == 16  # class 4: 3 images after the support
+            assert not set(q_c.tolist()) & set(s_c.tolist())
 
 
 def test_few_shot_pool_is_train_and_test_except_fc100():
@@ -1256,3 +1329,53 @@ def test_pretraining_on_an_image_folder(tmp_path):
     assert abs(ckpt['norm'][0][0] - 0.5) < 0.02  # uniform noise; resizing smooths it, so its std is below 1/sqrt(12)
     log = read_log(out)
     assert len(log) == 1 and 'knn_top1' not in log[0]  # no labelled splits, no monitor
+
+
+# ---------------------------------------------------------------- size
+
+def code_lines(source):
+    """Physical lines holding a token that is not a comment or layout; docstrings (the first string statement of a
+    module, class or function) do not count, every line of a multi-line statement does."""
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, 'body', None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    layout = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    lines = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type not in layout:
+            lines.update(range(tok.start[0], tok.end[0] + 1))
+    return len(lines - docstrings)
+
+
+def test_code_line_counter_counts_by_hand():
+    source = '''"""Module docstring,
+over two lines."""
+import os  # a comment
+
+
+def f(x):
+    """Docstring."""
+    # a comment line
+    y = max(x,
+            2)
+
+    text = """not a docstring
+    but a string of two lines"""
+    return y, text
+'''
+    assert code_lines(source) == 7  # import, def, the two lines of max, the two of text, return
+
+
+def test_implementation_is_under_a_thousand_code_lines_of_at_most_120_characters():
+    counts, long_lines = {}, []
+    for name in ['model.py', 'data.py', 'losses.py', 'train.py', 'eval_linear.py']:
+        with open(os.path.join(HERE, name)) as f:
+            source = f.read()
+        counts[name] = code_lines(source)
+        long_lines += [f'{name}:{i}' for i, line in enumerate(source.splitlines(), 1) if len(line) > 120]
+    assert sum(counts.values()) < 1000, f'{sum(counts.values())} code lines: {counts}'
+    assert not long_lines, f'lines over 120 characters: {long_lines}'

@@ -22,8 +22,8 @@ from losses import gather, nt_xent
 from model import STAR
 
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
-RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'eval_interval', 'save_every', 'resume',
-             'overwrite')
+RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'precision', 'eval_interval', 'save_every',
+             'resume', 'overwrite')
 OLDER = {'jitter': 'official'}  # what checkpoints written before a flag existed were trained with
 
 
@@ -54,6 +54,8 @@ def get_args(argv=None):
     p.add_argument('--image-size', type=int, default=96, help='images are resized once at load to this size')
     p.add_argument('--seed', type=int, default=0, help='initialisation, sample order and every augmentation follow it')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
+    p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help="fp32 as the authors train; bf16: "
+                   "autocast of the forward pass, faster on recent GPUs")
     p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs (stl10); 0: never')
     p.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
     p.add_argument('--overwrite', action='store_true', help='start afresh in an --out-dir that holds a run')
@@ -123,7 +125,7 @@ def objective(net, images, p, order, run, args):
     views = data.make_views(images, p, order, run['norm'], run['stats'], args.jitter)
     if images.is_cuda:
         views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):  # bf16 on GPUs
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
         out = net(*views)
     tau = args.tau
     l_inv = nt_xent(*out['z_inv'], tau)
@@ -229,6 +231,14 @@ def load_data(args):
     return images, data.STL10_NORM, monitor
 
 
+def step_views(args, epoch, step):
+    """Parameters (2 x B x 11) and colour orders (2 x B x 4) of a step's two views: a function of (seed, epoch, step),
+    so views differ from epoch to epoch and a resumed run draws those of an uninterrupted one."""
+    g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
+    views = [data.sample(args.batch_size, args.image_size, g, args.jitter) for _ in range(2)]
+    return [torch.stack(t) for t in zip(*views)]
+
+
 def train_epoch(net, opt, images, epoch, args, run):
     """One epoch over `images`; returns the mean loss terms, the learning rate and each router's mean weights."""
     steps, rank, world = len(images) // args.batch_size, run['rank'], run['world']
@@ -237,10 +247,8 @@ def train_epoch(net, opt, images, epoch, args, run):
     for group in opt.param_groups:  # the schedule: constant within an epoch
         group['lr'] = lr
     for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
-        # the global batch and its views' parameters, a function of (seed, epoch, step); this process's share
-        g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
-        views = [data.sample(args.batch_size, args.image_size, g, args.jitter) for _ in range(2)]
-        p, order = (shard(torch.stack(t), rank, world, dim=1) for t in zip(*views))  # 2 x B x 11, 2 x B x 4
+        # this process's share of the global batch and of its views' parameters
+        p, order = (shard(t, rank, world, dim=1) for t in step_views(args, epoch, step))
         idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], rank, world)
         # forward and the loss L = L_inv + lambda L_eq
         l_inv, l_eq, out = objective(net, images[idx].to(run['device']), p, order, run, args)
@@ -305,7 +313,7 @@ def pretrain(args, ckpt, world, rank, device):
         data.show_views(images, os.path.join(args.out_dir, 'views.png'), args.jitter)
         print(f'{"resuming from epoch " + str(start) if ckpt else "starting"} of {args.epochs}: {args.dataset}, '
               f'{len(images)} images, {steps} steps of {args.batch_size} per epoch, {device} '
-              f'({"bf16" if device.type == "cuda" else "float32"}), {world} process(es), writing to {args.out_dir}')
+              f'({args.precision}), {world} process(es), writing to {args.out_dir}')
 
     t_start = time.time()
     for epoch in range(start, args.epochs):

@@ -50,7 +50,7 @@ def main():
     images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)
     stats = data.param_stats(s)
     params, order = two_views(b, s, torch.Generator().manual_seed(0))
-    run, flags = {'norm': data.STL10_NORM, 'stats': stats}, argparse.Namespace(jitter='official', tau=0.2)
+    run, flags = {'norm': data.STL10_NORM, 'stats': stats}, argparse.Namespace(jitter='official', tau=0.2, precision='fp32')
 
     def step_fn(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
