@@ -56,34 +56,79 @@ def stl10(root, split, size=96):
     return torch.cat(images), torch.cat(labels)
 
 
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+SUN397_PARTITIONS = 'https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip'
+
+
+def class_folders(root):
+    """The class folders of an image folder (links followed), sorted: one listing for every split."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+
+
 def image_folder(root, size, classes=None):
-    """Every image below `root`, resized once; labelled by `classes` (default: the sub-folders; -1 outside them)."""
+    """Every image below `root` (links followed), resized once, in torchvision ImageFolder's order (class, then
+    sorted paths); labelled by `classes` (default: the class folders; -1 outside them)."""
     if not os.path.isdir(root):
         fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
-    rel = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
-                 if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')))
+    rel = [os.path.relpath(os.path.join(d, f), root) for d, _, fs in sorted(os.walk(root, followlinks=True))
+           for f in sorted(fs) if f.lower().endswith(EXTENSIONS)]
     folder = {r: r.split(os.sep)[0] if os.sep in r else None for r in rel}
     stray = [r for r in rel if classes is not None and folder[r] not in classes]
     if stray:
         fail(f'{root}: {len(stray)} images are not in a class folder of the training split ({", ".join(stray[:3])}'
              f'{", ..." if len(stray) > 3 else ""}); move or remove them')
-    classes = classes or sorted({c for c in folder.values() if c})
+    classes = classes or class_folders(root)
+    label = {r: classes.index(folder[r]) if folder[r] in classes else -1 for r in rel}
+    rel.sort(key=label.get)  # stable: class by class, each in sorted order
+    images, kept = load_images([os.path.join(root, r) for r in rel], size, root)
+    return images, torch.tensor([label[rel[i]] for i in kept]), classes
+
+
+def load_images(paths, size, where):
+    """uint8 3 x size x size images of the readable files among `paths` (below `where`), and their indices;
+    unreadable files are named on stderr and skipped."""
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        loaded = pool.map(functools.partial(load_image, size=size), [os.path.join(root, r) for r in rel])
-        loaded = list(tqdm(loaded, total=len(rel), desc=f'loading {root}', leave=False))
-    kept = [(x, classes.index(folder[r]) if folder[r] else -1) for x, r in zip(loaded, rel) if x is not None]
-    if len(kept) < len(rel):
-        print(f'skipped {len(rel) - len(kept)} unreadable image files in {root}', file=sys.stderr)
-    if not kept:
-        fail(f'no readable images (.jpg, .png, ...) in {root}')
-    return torch.stack([x for x, _ in kept]), torch.tensor([c for _, c in kept]), classes
+        loaded = pool.map(functools.partial(load_image, size=size), paths)
+        loaded = list(tqdm(loaded, total=len(paths), desc=f'loading {where}', leave=False))
+    bad = [p for p, x in zip(paths, loaded) if x is None]
+    if bad:
+        print(f'skipped {len(bad)} unreadable image files: {", ".join(bad[:5])}{", ..." if len(bad) > 5 else ""}',
+              file=sys.stderr)
+    if len(bad) == len(paths):
+        fail(f'no readable images ({", ".join(EXTENSIONS)}) in {where}')
+    kept = [i for i, x in enumerate(loaded) if x is not None]
+    return torch.stack([loaded[i] for i in kept]), kept
+
+
+def sun397(root, split, size):
+    """SUN397 partition 1 as AugSelf reads it: Training_01.txt (train) or Testing_01.txt (test), each line labelled
+    by its class's place in ClassName.txt; images and partition files in torchvision's folder root/SUN397."""
+    folder = os.path.join(root, 'SUN397')
+    names = ['ClassName.txt', f'{"Training" if split == "train" else "Testing"}_01.txt']
+    try:
+        if not os.path.isdir(os.path.join(folder, 'a')):
+            torchvision.datasets.SUN397(root, download=True)
+        if not all(os.path.exists(os.path.join(folder, n)) for n in names):
+            torchvision.datasets.utils.download_and_extract_archive(SUN397_PARTITIONS, folder)
+    except Exception as e:
+        fail(f'SUN397 images or {" and ".join(names)} missing in {folder}, and the download failed '
+             f'({type(e).__name__}); put the images (SUN397.tar.gz) and the partition files (Partitions.zip, both '
+             f'from https://vision.princeton.edu/projects/2010/SUN/) there')
+    with open(os.path.join(folder, names[0])) as f:
+        classes = [line.strip() for line in f if line.strip()]
+    with open(os.path.join(folder, names[1])) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    labels = [next(i for i, c in enumerate(classes) if line.startswith(c + '/')) for line in lines]
+    images, kept = load_images([os.path.join(folder, line.lstrip('/')) for line in lines], size, folder)
+    return images, torch.tensor(labels)[kept]
 
 
 def pil_to_uint8(img, size):
-    """Any PIL image as uint8 RGB: 16- and 32-bit or float grey scaled to 8 bits (PIL's convert would clip them)."""
+    """Any PIL image as uint8 RGB: integer grey (16-bit in image files) scaled by its bit depth, float grey from
+    [0, 1] (PIL's convert would clip both)."""
     if img.mode[0] in 'IF':
-        top = img.getextrema()[1]
-        img = img.point(lambda v: v * 255 / (65535 if top > 255 else 255 if top > 1 else 1)).convert('L')
+        full = 1.0 if img.mode == 'F' else 65535.0
+        img = img.point(lambda v: v * 255 / full).convert('L')
     return resize_crop(TF.pil_to_tensor(img.convert('RGB')), size)
 
 
@@ -103,9 +148,9 @@ def normalize(x, norm):
 
 # ---- augmentations: sample the parameters of every view, then apply them (a pure function of images and parameters)
 
-def sample(n, size, g, jitter='official'):
-    """Parameters (n x 11, FIELDS) of n views of size x size images and their colour orders (n x 4): one order for
-    the batch under official jitter (as kornia's ColorJitter), one per image under torchvision's."""
+def sample(n, size, g):
+    """Parameters (n x 11, FIELDS) of n views of size x size images, and the order of the four colour operations,
+    one for the batch as kornia's ColorJitter draws it."""
     area = size * size * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # RandomResizedCrop, 10 attempts
     ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
@@ -121,7 +166,7 @@ def sample(n, size, g, jitter='official'):
     factors = torch.where(jittered, torch.cat([bcs, hue], 1), IDENTITY)
     gray = (torch.rand(n, generator=g) < 0.2).float()
     sigma = torch.where(torch.rand(n, generator=g) < 0.5, torch.empty(n).uniform_(0.1, 2.0, generator=g), 0.0)
-    order = torch.rand(1 if jitter == 'official' else n, 4, generator=g).argsort(1).expand(n, 4)
+    order = torch.rand(4, generator=g).argsort()
     return torch.cat([torch.stack([top, left, h, w, flip], 1), factors, torch.stack([gray, sigma], 1)], 1), order
 
 
@@ -176,36 +221,25 @@ def gaussian_blur(x, sigma):
     return x
 
 
-def gray(x, weights):
-    return (weights[0] * x[:, 0] + weights[1] * x[:, 1] + weights[2] * x[:, 2]).unsqueeze(1)
+# The colour operations, in the order of their factors in FIELDS, as kornia 0.4.1 defines them and the authors' code
+# applies them: brightness adds f - 1, contrast scales every pixel (both clamped to [0, 1]), saturation scales HSV's
+# S, hue rotates HSV's H.
+COLOUR = [lambda x, f: (x + f.view(-1, 1, 1, 1) - 1).clamp_(0, 1), lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp_(0, 1),
+          hsv_saturation, hue]
 
 
-def blend(x, y, f):  # torchvision's: f x + (1 - f) y, clamped
-    return (y + f.view(-1, 1, 1, 1) * (x - y)).clamp_(0, 1)
+def gray(x, _):
+    """kornia 0.4.1's rgb_to_grayscale, written to all three channels."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1).expand_as(x)
 
 
-TV_GRAY = (0.2989, 0.587, 0.114)
-# Per semantics: the colour operations in the order of their factors in FIELDS (brightness, contrast, saturation,
-# hue), then the grayscale weights. official: kornia 0.4.1's, as the authors' code applies them (brightness adds
-# f - 1, contrast scales every pixel, both clamped; saturation scales HSV's S); torchvision: its adjust_* functions.
-JITTER = {'official': ([lambda x, f: (x + f.view(-1, 1, 1, 1) - 1).clamp_(0, 1),
-                        lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp_(0, 1), hsv_saturation, hue],
-                       (0.299, 0.587, 0.114)),
-          'torchvision': ([lambda x, f: (x * f.view(-1, 1, 1, 1)).clamp_(0, 1),
-                           lambda x, f: blend(x, gray(x, TV_GRAY).mean((2, 3), keepdim=True), f),
-                           lambda x, f: blend(x, gray(x, TV_GRAY), f), hue], TV_GRAY)}
-
-
-def augment(x, p, order, jitter='official'):
+def augment(x, p, order):
     """Views of float images x in [0, 1] from parameters p (n x 11): crop, flip, colour in `order`, gray, blur."""
-    ops, weights = JITTER[jitter]
-    x, order = crop_flip(x, p), order.cpu().expand(len(x), 4)  # on the CPU: an operation no image takes costs nothing
-    for step in range(4):
-        for op, fn in enumerate(ops):  # each operation only on the samples it moves, so the identity is exact
-            rows, f = order[:, step] == op, p[:, COL['brightness'] + op]
-            if rows.any():
-                x = apply_to(x, rows.to(x.device) & (f != IDENTITY[op]), fn, f)
-    x = apply_to(x, p[:, COL['gray']] > 0, lambda y, _: gray(y, weights).expand_as(y), p[:, COL['gray']])
+    x = crop_flip(x, p)
+    for op in order.tolist():  # each operation only on the samples it moves, so the identity is exact
+        f = p[:, COL['brightness'] + op]
+        x = apply_to(x, f != IDENTITY[op], COLOUR[op], f)
+    x = apply_to(x, p[:, COL['gray']] > 0, gray, p[:, COL['gray']])
     return apply_to(x, p[:, COL['sigma']] > 0, gaussian_blur, p[:, COL['sigma']])
 
 
@@ -217,13 +251,13 @@ def apply_to(x, mask, fn, factor):
     return x
 
 
-def make_views(images, p, order, norm, stats, jitter='official'):
-    """The pairing the method needs from uint8 images and two draws of `sample` (p: 2 x B x 11, order: 2 x B x 4):
+def make_views(images, p, order, norm, stats):
+    """The pairing the method needs from uint8 images and two draws of `sample` (p: 2 x B x 11, order: 2 x 4):
     x0 (the normalised original), views v1, v2 and standardised parameters a1, a2."""
     x = images.float().div(255)
     mean, std = (s.to(x.device) for s in stats)
     p = p.to(x.device)
-    v1, v2 = (normalize(augment(x, p[i], order[i], jitter), norm) for i in range(2))
+    v1, v2 = (normalize(augment(x, p[i], order[i]), norm) for i in range(2))
     return normalize(x, norm), v1, v2, (p[0] - mean) / std, (p[1] - mean) / std
 
 
@@ -241,11 +275,12 @@ def save_grid(tiles, labels, columns, path, size=96):
     img.save(path)
 
 
-def show_views(images, path, jitter='official', n=8):
-    """views.png: n originals x0, each beside its two views v1, v2 labelled with their 11 parameters."""
-    x, g = images[:n].float().div(255), torch.Generator().manual_seed(0)
-    draws = [sample(len(x), x.shape[-1], g, jitter) for _ in range(2)]
-    tiles = torch.stack([x, *(augment(x, p, order, jitter) for p, order in draws)], 1).flatten(0, 1)
+def show_views(images, path, n=8):
+    """views.png: n originals x0 spread over the data set, each beside its two views v1, v2 labelled with their 11
+    parameters."""
+    x, g = images[torch.linspace(0, len(images) - 1, n).long()].float().div(255), torch.Generator().manual_seed(0)
+    draws = [sample(len(x), x.shape[-1], g) for _ in range(2)]
+    tiles = torch.stack([x, *(augment(x, p, order) for p, order in draws)], 1).flatten(0, 1)
     text = ('crop {:.0f},{:.0f} {:.0f}x{:.0f}\nflip {:.0f}\nb {:.2f} c {:.2f}\n'
             's {:.2f} h {:+.3f}\ngray {:.0f} blur {:.1f}')
     labels = [t for i in range(len(x)) for t in [f'x0, image {i}', *(text.format(*p[i].tolist()) for p, _ in draws)]]

@@ -13,12 +13,13 @@ import os
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as D
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
 import train
 from data import fail
-from model import STAR, Shift, encoder
+from model import EMBED, STAR, Shift, encoder
 
 # name: (torchvision class, keyword arguments of each official split); 'all' marks a data set with no official split
 TORCHVISION = {
@@ -29,28 +30,26 @@ TORCHVISION = {
     'pets': (D.OxfordIIITPet, {'train': {'split': 'trainval'}, 'test': {'split': 'test'}}),
     'dtd': (D.DTD, {s: {'split': s, 'partition': 1} for s in ['train', 'val', 'test']}),
     'caltech101': (D.Caltech101, {'all': {}}),
-    'cars': (D.StanfordCars, {'train': {'split': 'train'}, 'test': {'split': 'test'}}),
     'aircraft': (D.FGVCAircraft, {s: {'split': s} for s in ['train', 'val', 'test']}),
-    'sun397': (D.SUN397, {'all': {}}),
 }
+SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'splits')  # AugSelf's index files (SOURCE.md)
 # AugSelf's validation hold-outs: (train, val) sizes and the seed of torch.utils.data.random_split
 HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food101': (68175, 7575, 42),
             'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50)}
 PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
-GROUPS = {'crop': [0, 1, 2, 3], 'flip': [4], 'colour': [5, 6, 7, 8], 'gray': [9], 'blur': [10], 'all': list(range(11))}
-ANALYSIS_COLUMNS = ['cca', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr', 'frozen_hit1',
-                    'frozen_pre', 'r2_all']
+ANALYSIS_COLUMNS = ['cca', 'cca_unpaired', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr',
+                    'frozen_hit1', 'frozen_pre']
 SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'chance_mrr',
-         'cca_unpaired', *ANALYSIS_COLUMNS, 'routing_png']
+         *ANALYSIS_COLUMNS, 'routing_png', 'note']
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=train.Help)
     p.add_argument('--ckpt', help="train.py's ckpt.pt or encoder.pt, or an official checkpoint ({'backbone': ...})")
-    p.add_argument('--dataset', help=f'stl10, {", ".join(TORCHVISION)}; any other name is an image folder '
-                                     '(--data-dir with train/ and test/ of class folders, e.g. mit67)')
+    p.add_argument('--dataset', help=f'stl10, sun397, {", ".join(TORCHVISION)}; any other name is an image folder '
+                                     '(--data-dir with train/ and test/ of class folders, e.g. mit67, cars)')
     p.add_argument('--data-dir', default='data', help='torchvision root (downloads there when online) or image folder')
     p.add_argument('--metric', choices=['top1', 'mean-per-class'],
                    help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
@@ -66,7 +65,7 @@ def get_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     args = p.parse_args(argv)
     train.check_device(args.device)
-    train.require(args, {'few_shot': 1, 'episodes': 1})
+    train.require(args, {'few_shot': (1, math.inf), 'episodes': (1, math.inf)})
     if not args.summary:
         check_task(args)
     return args
@@ -76,10 +75,10 @@ def check_task(args):
     """Refuse, before any work, what cannot run to the end: a missing flag, an unknown data set, unwritable output."""
     if not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
-    if os.sep in args.dataset or (args.dataset not in [*TORCHVISION, 'stl10'] and
+    if os.sep in args.dataset or (args.dataset not in [*TORCHVISION, 'stl10', 'sun397'] and
                                   not os.path.isdir(os.path.join(args.data_dir, 'train'))):
-        fail(f'--dataset {args.dataset}: not one of stl10, {", ".join(TORCHVISION)}, nor a name for the image folder '
-             f'--data-dir {args.data_dir} (which needs train/ and test/ of class folders)')
+        fail(f'--dataset {args.dataset}: not one of stl10, sun397, {", ".join(TORCHVISION)}, nor a name for the image '
+             f'folder --data-dir {args.data_dir} (which needs train/ and test/ of class folders)')
     if args.analyze and 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
         fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
     try:
@@ -103,6 +102,11 @@ def load_encoder(path, pretrain_data=None):
     arch = 'resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18'
     net, _ = encoder(arch)
     train.load_weights(net, state, path)
+    sidecar = os.path.join(os.path.dirname(path), 'encoder.json')  # written by train.py beside encoder*.pt
+    if size is None and os.path.exists(sidecar) and not pretrain_data:
+        with open(sidecar) as f:
+            run = json.load(f)
+        size, norm = run['image_size'], run['norm']
     if size is None:
         pretrain_data = pretrain_data or ('imagenet100' if arch == 'resnet50' else 'stl10')
         size, norm = PRETRAIN[pretrain_data]
@@ -113,10 +117,10 @@ def load_encoder(path, pretrain_data=None):
 
 def load_split(name, root, split, size):
     """uint8 images, resized and centre-cropped, and labels of one split (an image folder's by train/'s classes)."""
-    if name == 'stl10':
-        return data.stl10(root, split, size)
+    if name in ('stl10', 'sun397'):
+        return getattr(data, name)(root, split, size)
     if name not in TORCHVISION:
-        classes = sorted(e.name for e in os.scandir(os.path.join(root, 'train')) if e.is_dir())
+        classes = data.class_folders(os.path.join(root, 'train'))
         if not classes:
             fail(f'{root}/train holds no class folders; an image-folder data set is train/ and test/ of class folders')
         return data.image_folder(os.path.join(root, split), size, classes)[:2]
@@ -129,7 +133,10 @@ def load_split(name, root, split, size):
              f'torchvision.datasets.{cls.__name__}(root="{root}") expects them')
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count()))
     batches = list(tqdm(loader, desc=f'loading {name} {split}', leave=False))
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    # AugSelf's Food-101 order: class by class as in meta/classes.txt (alphabetical), each in meta/SPLIT.json's order
+    order = y.argsort(stable=True) if name == 'food101' else torch.arange(len(y))
+    return x[order], y[order]
 
 
 def sha256(path):
@@ -140,11 +147,12 @@ def sha256(path):
 def features(args, net, size, norm):
     """{split: (features, labels)}, encoded once and cached under a key of all they depend on."""
     root = os.path.realpath(args.data_dir)
-    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+    ours = (os.path.realpath(args.cache_dir) + os.sep, os.path.realpath(args.results))  # may lie inside the data
+    paths = sorted(p for d, _, fs in os.walk(root) for f in fs if not (p := os.path.join(d, f)).startswith(ours))
     files = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p, st in zip(paths, map(os.stat, paths))]
     out, digest = {}, sha256(args.ckpt)
     for split in TORCHVISION[args.dataset][1] if args.dataset in TORCHVISION else ['train', 'test']:
-        key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32']).encode()
+        key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32', 'augself order']).encode()
         path = os.path.join(args.cache_dir, f'{args.dataset}-{split}-{hashlib.sha256(key).hexdigest()[:16]}.pt')
         try:
             out[split] = torch.load(path, weights_only=True)
@@ -163,15 +171,29 @@ def random_split(f, y, held_out, seed):
 
 
 def probe_splits(name, feats):
-    """(train, val, test): official splits, else AugSelf's hold-outs (HOLD_OUT, scaled to the size), else (ours) 10%
-    val and 20% test."""
-    if 'all' in feats:
-        feats['train'], feats['test'] = random_split(*feats['all'], len(feats['all'][1]) // 5, 0)
+    """(train, val, test): official splits; AugSelf's index files (Caltech-101's into the whole set, SUN397's into
+    its train split); else AugSelf's hold-outs (HOLD_OUT, scaled to the size), else (ours) 10% val."""
+    path = os.path.join(SPLITS, f'{name}.json')
+    if os.path.exists(path):
+        source = feats.pop('all') if 'all' in feats else feats['train']
+        with open(path) as f:
+            for split, i in json.load(f).items():
+                feats[split] = check_indices(source, torch.tensor(i), name)
     if 'val' not in feats:
         n_train, n_val, seed = HOLD_OUT.get(name, (9, 1, 0))
-        n_val = len(feats['train'][1]) * n_val // (n_train + n_val)
+        if len(feats['train'][1]) < 2:
+            fail(f'{name} has {len(feats["train"][1])} training image(s): too few to hold out a validation split')
+        n_val = max(1, len(feats['train'][1]) * n_val // (n_train + n_val))
         feats['train'], feats['val'] = random_split(*feats['train'], n_val, seed)
     return feats['train'], feats['val'], feats['test']
+
+
+def check_indices(source, i, name):
+    """source's rows i, or one line when the data set is smaller than AugSelf's index file expects."""
+    if len(i) and i.max() >= len(source[1]):
+        fail(f'{name} has {len(source[1])} images where AugSelf\'s split file indexes up to {i.max() + 1}; '
+             f'the data set is incomplete: download it again')
+    return source[0][i], source[1][i]
 
 
 def with_bias(x):
@@ -296,17 +318,6 @@ def equivariance(pred, target):
             'pre': ((pred - target).norm(dim=2) / target.norm(dim=2)).mean().item()}
 
 
-def ridge_r2(x, y, x_test, y_test, ridge=1e-3):
-    """Test R^2 per parameter group of a ridge regression fitted on (x, y), penalty relative to x's mean variance."""
-    mean, y_mean = x.mean(0), y.mean(0)
-    x, x_test = x - mean, x_test - mean
-    gram = (x.T @ x).double()
-    w = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype),
-                           (x.T @ (y - y_mean)).double()).to(x.dtype)
-    res, tot = (x_test @ w + y_mean - y_test).pow(2).sum(0), (y_test - y_test.mean(0)).pow(2).sum(0)
-    return {f'r2_{group}': (1 - res[i].sum() / tot[i].sum()).item() for group, i in GROUPS.items()}
-
-
 def fit_predictor(h0, h_v, a, epochs=10, seed=0):
     """A shift predictor h(v) ~ h(x0) + phi([h(x0); psi(a)]) at the encoder's width, fitted to frozen features."""
     torch.manual_seed(seed)
@@ -321,18 +332,18 @@ def fit_predictor(h0, h_v, a, epochs=10, seed=0):
     return predictor.eval()
 
 
-def view_features(net, images, norm, device, stats, jitter, views, seed=0):
+def view_features(net, images, norm, device, stats, views, seed=0):
     """Features h(x0) (N x d), h(v) of `views` views per image (N x views x d), standardised parameters a."""
     g = torch.Generator().manual_seed(seed)
-    draws = [data.sample(len(images), images.shape[-1], g, jitter) for _ in range(views)]
+    draws = [data.sample(len(images), images.shape[-1], g) for _ in range(views)]
     bar = tqdm(draws, desc='views', leave=False)
-    h_v = torch.stack([train.encode(net, images, norm, device, d, jitter) for d in bar], 1)
+    h_v = torch.stack([train.encode(net, images, norm, device, d) for d in bar], 1)
     a = (torch.stack([p for p, _ in draws], 1) - stats[0]) / stats[1]
     return train.encode(net, images, norm, device), h_v, a
 
 
 @torch.no_grad()
-def model_analysis(model, h0, h_v, a, picture):
+def model_analysis(model, h0, h_v, a, picture, title):
     """A model with an equivariant head, on test features: redundancy of z_inv and z_eq (CCA; of views; of unpaired
     rows, the floor n images give; effective ranks), its own predictor's ranking, and routing (`picture`)."""
     z, views = model.eval().heads(h0), [model.heads(h) for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)]
@@ -341,7 +352,7 @@ def model_analysis(model, h0, h_v, a, picture):
     corr = cca(z['z_inv'], z['z_eq'])
     unpaired = z['z_eq'][torch.randperm(len(h0), generator=torch.Generator().manual_seed(0))]  # CCA's floor at this n
     routing = torch.stack([z['s_inv'].mean(0), z['s_eq'].mean(0)])
-    show_routing(routing, picture)
+    show_routing(routing, picture, title)
     return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), **equivariance(z_hat, z_eq),
             'cca_views': cca(z1['z_inv'], z1['z_eq']).mean().item(),
             'cca_unpaired': cca(z['z_inv'], unpaired).mean().item(),
@@ -349,38 +360,48 @@ def model_analysis(model, h0, h_v, a, picture):
             'routing_inv': routing[0].tolist(), 'routing_eq': routing[1].tolist(), 'routing_png': picture}
 
 
-def show_routing(routing, path):
-    """routing.png: each router's mean weight per expert above a colour scale; experts above the uniform share 1/N
-    under both routers are marked shared, under one inv or eq."""
-    n = routing.shape[1]
-    used = routing > 1 / n
-    kind = [('shared' if i and e else 'inv' if i else 'eq' if e else '') for i, e in used.T.tolist()]
-    scale = torch.linspace(0, routing.max().item(), n)
-    cells = torch.cat([routing.flatten(), scale])
-    tiles = torch.lerp(torch.ones(3), torch.tensor([0.1, 0.2, 0.7]), (cells / cells.max())[:, None])
-    labels = [f'{row} E{k}\n{w:.3f}\n{kind[k]}' for row, r in zip(['inv', 'eq'], routing) for k, w in enumerate(r)]
-    data.save_grid(tiles[:, :, None, None].expand(-1, 3, 48, 48), labels + [f'scale\n{v:.3f}' for v in scale], n,
-                   path, size=48)
+def show_routing(routing, path, title, half=150):
+    """The routing picture: a row per expert, each router's mean weight drawn as a bar from the uniform share 1/N (the
+    grey line), right of it above the share and left below it (blue: invariant router, orange: equivariant), at a
+    scale set by the largest departure; each weight written at the end of its row."""
+    n, centre = routing.shape[1], 40 + half
+    departure = routing - 1 / n
+    scale = half / max(departure.abs().max().item(), 1e-9)
+    img = Image.new('RGB', (centre + half + 170, 44 + 28 * n), 'white')
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill='black')
+    draw.text((4, 18), f'mean routing weight per expert, bars from 1/N = {1 / n:.4f}; blue: invariant router, '
+                       f'orange: equivariant', fill='black')
+    for k in range(n):
+        y = 40 + 28 * k
+        draw.text((4, y + 6), f'E{k}', fill='black')
+        for j, colour in enumerate([(40, 90, 200), (230, 120, 30)]):
+            end = centre + departure[j, k].item() * scale
+            draw.rectangle([min(centre, end), y + 12 * j, max(centre, end), y + 12 * j + 9], fill=colour)
+        draw.text((centre + half + 10, y + 6), f'inv {routing[0, k]:.4f}  eq {routing[1, k]:.4f}', fill='black')
+    draw.line([centre, 36, centre, 40 + 28 * n], fill=(128, 128, 128))
+    img.save(path)
 
 
-def analyze(args, net, size, norm, ckpt, picture, views=16):
-    """Equivariance of any encoder's frozen features, fitted on train, scored on test: ridge R^2 of a from [h(x0);
-    h(v)], and a fitted predictor's ranking among `views` views per image; model_analysis for equivariant heads."""
-    run, model = {**train.OLDER, **ckpt.get('args', {})}, None
+def analyze(args, net, size, norm, ckpt, picture, title, views=16):
+    """Equivariance of any encoder's frozen features: a predictor fitted on train ranks each test view among `views`
+    views of its image; model_analysis for train.py checkpoints with an equivariant head."""
+    run, model = ckpt.get('args', {}), None
     if run.get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
         model = STAR(run['arch'], run['heads'], run['experts'])
         train.load_weights(model, ckpt['model'], args.ckpt)
-    net, stats, jitter = net.to(args.device), data.param_stats(size), run['jitter']
+    net, stats = net.to(args.device), data.param_stats(size)
     (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size)[0], norm,
-                                                  args.device, stats, jitter, views) for split in ('train', 'test'))
-    pairs = [torch.cat([x.unsqueeze(1).expand_as(v), v], 2).flatten(0, 1) for x, v in ((h0, h_v), (t0, t_v))]
-    out = {'views': views, 'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views,
-           **ridge_r2(pairs[0], a.flatten(0, 1), pairs[1], t_a.flatten(0, 1))}
+                                                  args.device, stats, views) for split in ('train', 'test'))
+    out = {'views': views, 'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views}
     predictor = fit_predictor(h0, h_v, a)
     with torch.no_grad():
         t_hat = torch.stack([predictor(t0, a_m) for a_m in t_a.unbind(1)], 1)
     out |= {f'frozen_{k}': v for k, v in equivariance(t_hat, t_v).items()}
-    return out | (model_analysis(model, t0, t_v, t_a, picture) if model else {})
+    if model and len(t0) < 10 * 2 * EMBED:
+        out['note'] = (f'{len(t0)} test images are too few for a CCA of 2 x {EMBED} dimensions (want 10 times as '
+                       f'many): compare cca with cca_unpaired, its floor at this number of images')
+    return out | (model_analysis(model, t0, t_v, t_a, picture, title) if model else {})
 
 
 def rank(value, values):
@@ -403,29 +424,37 @@ def table(task, rows):
     for name, row in rows.items():
         cells = [f'{row[c]:{max(9, len(c))}.{digits}f}' if c in row else f'{"-":>{max(9, len(c))}}' for c in columns]
         lines.append(f'{name:<{width}} ' + ' '.join(cells))
-    return '\n'.join(lines + ([f'mean and avg rank over {", ".join(common)}'] if task == 'linear' else []))
+    footer = f'mean and avg rank over {", ".join(common)} (top1: top-1 accuracy, mpc: mean per-class accuracy, in %)'
+    return '\n'.join(lines + ([footer] if task == 'linear' else []))
 
 
 def summary(path):
     """One table per task of the latest result per (checkpoint hash, task, data set, metric)."""
-    if not os.path.exists(path):
-        fail(f'no results in {path}; run eval_linear.py on a checkpoint first')
+    if not os.path.isfile(path):
+        fail(f'no results file at {path}; run eval_linear.py on a checkpoint first, or give --results FILE')
     latest, bad = {}, 0
-    with open(path) as f:
+    with open(path, errors='replace') as f:
         for line in f:
             try:
-                r = json.loads(line)
-                latest[r['ckpt_sha256'], r['task'], r['dataset'], r.get('metric')] = r
-            except (ValueError, KeyError, TypeError):
+                latest |= cell(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 bad += 1
     tables = {}
-    for r in latest.values():
-        name = r['name'] if 'accuracy' in r else f'{r["name"]} on {r["dataset"]}'
-        cells = {k: r[k] for k in ANALYSIS_COLUMNS if k in r}
-        cells = {r['dataset']: 100 * r['accuracy']} if 'accuracy' in r else cells
-        tables.setdefault(r['task'], {}).setdefault(name, {}).update(cells)
-    out = [table(task, rows) for task, rows in tables.items()]
-    return '\n\n'.join(out + ([f'skipped {bad} unreadable lines of {path}'] if bad else []))
+    for (_, task, name, column), value in latest.items():
+        tables.setdefault(task, {}).setdefault(name, {})[column] = value
+    skipped = [f'skipped {bad} unreadable lines of {path}'] if bad else []
+    if not tables:
+        fail(f'no readable results in {path}{" (" + skipped[0] + ")" if bad else ""}; run eval_linear.py first')
+    return '\n\n'.join([table(task, rows) for task, rows in tables.items()] + skipped)
+
+
+def cell(r):
+    """{(checkpoint hash, task, row name, column): value} of one result; a probe's column is (data set, metric)."""
+    if r['task'] == 'analysis':
+        return {(r['ckpt_sha256'], 'analysis', f'{r["name"]} on {r["dataset"]}', k): float(r[k])
+                for k in ANALYSIS_COLUMNS if k in r}
+    column = f'{r["dataset"]}/{"mpc" if r.get("metric") == "mean-per-class" else "top1"}'
+    return {(r['ckpt_sha256'], r['task'], r['name'], column): 100 * float(r['accuracy'])}
 
 
 def readable(r):
@@ -445,8 +474,10 @@ def main(argv=None):
     result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
               'dataset': args.dataset, 'image_size': size, 'norm': norm}
     if args.analyze:
-        picture = os.path.join(os.path.dirname(os.path.abspath(args.results)), f'routing-{digest[:8]}.png')
-        result |= {'task': 'analysis', **analyze(args, net, size, norm, ckpt, picture)}
+        picture = f'routing-{digest[:8]}-{args.dataset}.png'
+        picture = os.path.join(os.path.dirname(os.path.abspath(args.results)), picture)
+        title = f'{result["name"]} on {args.dataset} ({os.path.realpath(args.data_dir)})'
+        result |= {'task': 'analysis', **analyze(args, net, size, norm, ckpt, picture, title)}
     elif args.few_shot:
         f, y = few_shot_pool(args.dataset, features(args, net, size, norm))
         result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),

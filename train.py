@@ -7,6 +7,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import re
 import time
 
@@ -24,7 +25,8 @@ from model import STAR
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
 RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'precision', 'eval_interval', 'save_every',
              'resume', 'overwrite')
-OLDER = {'jitter': 'official'}  # what checkpoints written before a flag existed were trained with
+OLDER = {'jitter': 'official'}  # flags a checkpoint may lack or hold that this code no longer has, and their value
+RUN_FILES = re.compile(r'(ckpt|encoder(-\d+)?)\.pt(\.tmp)?|encoder\.json|log\.jsonl|views\.png')  # what a run writes
 
 
 class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -44,8 +46,6 @@ def get_args(argv=None):
     p.add_argument('--eq-weight', type=float, default=1.0, help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR '
                    'baseline: one head, no x0 pass, no psi/phi')
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
-    p.add_argument('--jitter', choices=list(data.JITTER), default='official', help="colour jitter: official is the "
-                   "authors' (kornia 0.4.1, one order per view batch); torchvision's adjust_* (one order per image)")
     p.add_argument('--epochs', type=int, default=200, help='epochs; the cosine schedule spans all of them')
     p.add_argument('--save-every', type=int, default=10, help='keep encoder-EPOCH.pt every this many epochs; 0: never')
     p.add_argument('--batch-size', type=int, default=256, help='global batch, split over the processes')
@@ -60,25 +60,33 @@ def get_args(argv=None):
     p.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
     p.add_argument('--overwrite', action='store_true', help='start afresh in an --out-dir that holds a run')
     args = p.parse_args(argv)
-    if args.experts is not None and args.heads != 'star':
-        fail(f'--experts sets N for --heads star; --heads {args.heads} has fixed experts (drop --experts)')
+    if args.resume and args.overwrite:
+        fail('--resume continues the run in --out-dir, --overwrite replaces it: give one of them')
+    if args.experts is not None and (args.heads != 'star' or args.eq_weight == 0):
+        why = f'--heads {args.heads} has fixed experts' if args.eq_weight else '--eq-weight 0 (SimCLR) has one head'
+        fail(f'--experts sets N for --heads star; {why} (drop --experts)')
     data_dir = os.path.realpath(args.data_dir)
     if args.dataset == 'folder' and os.path.commonpath([os.path.realpath(args.out_dir), data_dir]) == data_dir:
         fail(f'--out-dir {args.out_dir} is inside --data-dir: its files would become training images; move it out')
     args.heads = 'simclr' if args.eq_weight == 0 else args.heads  # one head, no equivariant task
-    args.experts = (args.experts or 16) if args.heads == 'star' else None
-    require(args, {'batch_size': 2, 'experts': 2, 'image_size': 32, 'epochs': 1, 'save_every': 0,
-                   'eval_interval': 0, 'eq_weight': 0, 'wd': 0}, {'lr': 0, 'tau': 0})
+    args.experts = (16 if args.experts is None else args.experts) if args.heads == 'star' else None
+    inf = math.inf
+    require(args, {'batch_size': (2, inf), 'experts': (2, inf), 'image_size': (32, 1024), 'epochs': (1, inf),
+                   'save_every': (0, inf), 'eval_interval': (0, inf), 'eq_weight': (0, inf), 'wd': (0, inf),
+                   'seed': (0, 2 ** 63 - 1), 'lr': (0, inf), 'tau': (0, inf)}, above=('lr', 'tau'))
     check_device(args.device)
     return args
 
 
-def require(args, at_least, above=()):
-    """One line and exit 1 unless every flag's value is finite and at least (or above) its bound."""
-    for name, low in [*at_least.items(), *dict(above).items()]:
+def require(args, bounds, above=()):
+    """One line and exit 1 unless every flag's value is finite and within its bounds (low, high): at least low (above
+    it for the flags in `above`) and at most high."""
+    for name, (low, high) in bounds.items():
         value, strict = getattr(args, name), name in above
-        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
-            fail(f'--{name.replace("_", "-")} must be {"above" if strict else "at least"} {low} (got {value})')
+        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low) and
+                                      value <= high):
+            fail(f'--{name.replace("_", "-")} must be {"above" if strict else "at least"} {low}'
+                 f'{f" and at most {high}" if high < math.inf else ""} (got {value})')
 
 
 def check_device(name):
@@ -102,13 +110,13 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
 
 @torch.no_grad()
-def encode(encoder, images, norm, device, views=None, jitter='official', batch=256):
+def encode(encoder, images, norm, device, views=None, batch=256):
     """Pooled features (eval mode, float32, on the CPU) of uint8 images, or of their views (p, order) if given."""
     encoder.eval()
     feats = []
     for i in tqdm(range(0, len(images), batch), desc='encoding', leave=False):
         x = images[i:i + batch].to(device).float().div(255)
-        x = x if views is None else data.augment(x, views[0][i:i + batch].to(device), views[1][i:i + batch], jitter)
+        x = x if views is None else data.augment(x, views[0][i:i + batch].to(device), views[1])
         feats.append(encoder(data.normalize(x, norm)).cpu())
     return torch.cat(feats)
 
@@ -122,7 +130,7 @@ def knn_top1(train, train_y, test, test_y):
 
 def objective(net, images, p, order, run, args):
     """L_inv and L_eq of one batch (L_eq = 0 for SimCLR), and the forward pass's named parts."""
-    views = data.make_views(images, p, order, run['norm'], run['stats'], args.jitter)
+    views = data.make_views(images, p, order, run['norm'], run['stats'])
     if images.is_cuda:
         views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
@@ -150,11 +158,17 @@ def save(obj, path):
     os.replace(path + '.tmp', path)
 
 
+LAYOUTS = "train.py's ckpt.pt, a ResNet state dict (encoder.pt) or {'backbone': ResNet state dict}"
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f'no checkpoint at {path}; check the path (train.py writes OUT_DIR/ckpt.pt)')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        fail(f'{path} holds pickled objects, not only weights (a whole model?); save its state_dict(): the layouts '
+             f'read are {LAYOUTS}')
     except Exception as e:
         fail(f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
     if not isinstance(ckpt, dict):
@@ -167,7 +181,8 @@ def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError):
-        fail(f'the weights in {path} do not fit this model (another architecture, heads or version of this code)')
+        fail(f'the weights in {path} do not fit this model (another architecture, heads or version of this code); the '
+             f'layouts read are {LAYOUTS}')
 
 
 def start_processes(args):
@@ -187,16 +202,20 @@ def start_processes(args):
 def open_run(args, rank):
     """The checkpoint to resume from (None for a new run). A run in --out-dir is never replaced by accident, and a
     resume refuses changed flags other than RESUMABLE ones, whose changes it prints."""
-    path = os.path.join(args.out_dir, 'ckpt.pt')
-    if os.path.exists(path) and not (args.resume or args.overwrite):
-        fail(f'{args.out_dir} holds a run (ckpt.pt): continue it with --resume or replace it with --overwrite')
+    path, files = os.path.join(args.out_dir, 'ckpt.pt'), run_files(args.out_dir)
+    if files and not (args.resume or args.overwrite):
+        fail(f'{args.out_dir} holds a run ({", ".join(files)}): continue it with --resume or replace it with '
+             f'--overwrite')
     if not args.resume:
         return None
+    if not os.path.exists(path):
+        fail(f'nothing to resume: {args.out_dir} has no ckpt.pt (no epoch ended, or it was deleted); start afresh '
+             f'with --overwrite')
     ckpt = load_checkpoint(path)
     if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
     trained = {**OLDER, **ckpt['args']}
-    changed = {k: (trained.get(k), v) for k, v in vars(args).items()}
+    changed = {k: (trained.get(k), v) for k, v in {**OLDER, **vars(args)}.items()}
     changed = {k: (a, b) for k, (a, b) in changed.items() if a != b}
     refused = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
     if refused:
@@ -205,6 +224,10 @@ def open_run(args, rank):
         if k not in ('resume', 'overwrite') and rank == 0:
             print(f'--resume: {k} was {a}, now {b}')
     return ckpt
+
+
+def run_files(out_dir):
+    return sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f)) if os.path.isdir(out_dir) else []
 
 
 def lock(out_dir):
@@ -223,7 +246,11 @@ def lock(out_dir):
 def load_data(args):
     """Pretraining images (uint8), their normalisation, and the labelled splits of the 1-NN monitor (or None)."""
     if args.dataset == 'folder':  # normalised by the channels' mean and std over up to 10,000 images
-        images, _, _ = data.image_folder(args.data_dir, args.image_size)
+        root = os.path.join(args.data_dir, 'train')
+        root = root if os.path.isdir(root) else args.data_dir
+        if root != args.data_dir and int(os.environ.get('RANK', 0)) == 0:
+            print(f'pretraining on {root} only: {args.data_dir} holds other splits beside it')
+        images, _, _ = data.image_folder(root, args.image_size)
         x = images[:: max(1, len(images) // 10000)].float().div(255).transpose(0, 1).flatten(1)
         return images, (tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())), None
     images, labels = data.stl10(args.data_dir, 'train+unlabeled', args.image_size)
@@ -232,11 +259,18 @@ def load_data(args):
 
 
 def step_views(args, epoch, step):
-    """Parameters (2 x B x 11) and colour orders (2 x B x 4) of a step's two views: a function of (seed, epoch, step),
+    """Parameters (2 x B x 11) and colour orders (2 x 4) of a step's two views: a function of (seed, epoch, step),
     so views differ from epoch to epoch and a resumed run draws those of an uninterrupted one."""
     g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
-    views = [data.sample(args.batch_size, args.image_size, g, args.jitter) for _ in range(2)]
+    views = [data.sample(args.batch_size, args.image_size, g) for _ in range(2)]
     return [torch.stack(t) for t in zip(*views)]
+
+
+def stop(what, epoch, flag):
+    """End a run that blew up, saying what is kept: the checkpoint of the last epoch, saved before this one."""
+    fail(f'{what}; ' + (f'ckpt.pt keeps epoch {epoch}, nothing of this one: --resume with a lower {flag}, or start '
+                        f'afresh with --overwrite if it fails again' if epoch else
+                        f'no epoch was saved: start afresh with --overwrite and a lower {flag}'))
 
 
 def train_epoch(net, opt, images, epoch, args, run):
@@ -248,24 +282,26 @@ def train_epoch(net, opt, images, epoch, args, run):
         group['lr'] = lr
     for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
         # this process's share of the global batch and of its views' parameters
-        p, order = (shard(t, rank, world, dim=1) for t in step_views(args, epoch, step))
-        idx = shard(perm[step * args.batch_size:(step + 1) * args.batch_size], rank, world)
+        p, order = step_views(args, epoch, step)
+        p, idx = shard(p, rank, world, dim=1), shard(perm[step * args.batch_size:][:args.batch_size], rank, world)
         # forward and the loss L = L_inv + lambda L_eq
         l_inv, l_eq, out = objective(net, images[idx].to(run['device']), p, order, run, args)
         loss = l_inv + args.eq_weight * l_eq
         # stop on a non-finite loss, before anything of this epoch is saved
-        terms = torch.stack([l_inv, l_eq]).detach()
+        terms = torch.stack([l_inv, l_eq, loss]).detach()
         if world > 1:
             dist.all_reduce(terms)
         terms = terms.cpu() / world
         if not terms.isfinite().all():
-            fail(f'non-finite loss at epoch {epoch + 1} step {step + 1}: L_inv {terms[0]:.4g}, L_eq {terms[1]:.4g}; '
-                 f'nothing was saved for this epoch; lower --lr or check the data')
+            names = ['L_inv', 'L_eq', f'L_inv + {args.eq_weight:g} L_eq']
+            bad = ', '.join(f'{n} {v:.4g}' for n, v in zip(names, terms.tolist()) if not math.isfinite(v))
+            flag = '--eq-weight' if terms[:2].isfinite().all() else '--lr'
+            stop(f'non-finite loss at epoch {epoch + 1} step {step + 1} ({bad})', epoch, flag)
         # update
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sums += terms
+        sums += terms[:2]
         routing = routing + torch.stack([out[s].detach().float().mean(0) for s in ('s_inv', 's_eq') if s in out]).cpu()
         bar.set_postfix(L_inv=f'{terms[0]:.3f}', L_eq=f'{terms[1]:.3f}')
     return {'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr,
@@ -280,7 +316,8 @@ def main(argv=None):
         try:
             pretrain(args, ckpt, world, rank, device)
         except KeyboardInterrupt:
-            fail('interrupted; continue with --resume')
+            fail('interrupted; continue with --resume' if os.path.exists(os.path.join(args.out_dir, 'ckpt.pt')) else
+                 'interrupted before the first epoch ended: nothing to resume; start again with --overwrite')
         finally:
             if world > 1:
                 dist.destroy_process_group()
@@ -307,12 +344,10 @@ def pretrain(args, ckpt, world, rank, device):
         load_weights(model, ckpt['model'], os.path.join(args.out_dir, 'ckpt.pt'))
         opt.load_state_dict(ckpt['optimizer'])
     net = DistributedDataParallel(model) if world > 1 else model
-    if rank == 0:  # the log holds the checkpoint's epochs (none for a new run); later lines are redone
-        with open(os.path.join(args.out_dir, 'log.jsonl'), 'w') as f:
-            f.writelines(json.dumps(e) + '\n' for e in history)
-        data.show_views(images, os.path.join(args.out_dir, 'views.png'), args.jitter)
-        print(f'{"resuming from epoch " + str(start) if ckpt else "starting"} of {args.epochs}: {args.dataset}, '
-              f'{len(images)} images, {steps} steps of {args.batch_size} per epoch, {device} '
+    if rank == 0:
+        prepare_out_dir(args, history, images, norm)
+        what = f'resuming from epoch {start} of {args.epochs}' if ckpt else f'starting a run of {args.epochs} epochs'
+        print(f'{what}: {args.dataset}, {len(images)} images, {steps} steps of {args.batch_size} per epoch, {device} '
               f'({args.precision}), {world} process(es), writing to {args.out_dir}')
 
     t_start = time.time()
@@ -335,11 +370,29 @@ def pretrain(args, ckpt, world, rank, device):
         save_epoch(model, opt, history, args, norm)
 
 
+def prepare_out_dir(args, history, images, norm):
+    """Before the first step: --overwrite removes every file of the run it replaces (only now, so a run that cannot
+    start loses nothing); the log of the checkpoint's epochs (later lines are redone); encoder.json, the image size
+    and normalisation eval_linear.py probes encoder*.pt with; views.png."""
+    removed = run_files(args.out_dir) if args.overwrite else []
+    for f in removed:
+        os.remove(os.path.join(args.out_dir, f))
+    if removed:
+        print(f'--overwrite: removed {", ".join(removed)} of the run in {args.out_dir}')
+    with open(os.path.join(args.out_dir, 'log.jsonl'), 'w') as f:
+        f.writelines(json.dumps(e) + '\n' for e in history)
+    with open(os.path.join(args.out_dir, 'encoder.json'), 'w') as f:
+        json.dump({'arch': args.arch, 'image_size': args.image_size, 'norm': norm}, f)
+    data.show_views(images, os.path.join(args.out_dir, 'views.png'))
+
+
 def save_epoch(model, opt, history, args, norm):
     """The epoch's log line, encoder.pt (and encoder-EPOCH.pt every --save-every epochs), then ckpt.pt."""
+    epoch, encoder = history[-1]['epoch'], model.encoder.state_dict()
+    if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+        stop(f'the weights are not finite after epoch {epoch}', epoch - 1, '--lr')
     with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(history[-1]) + '\n')
-    epoch, encoder = history[-1]['epoch'], model.encoder.state_dict()
     save(encoder, os.path.join(args.out_dir, 'encoder.pt'))
     if args.save_every and epoch % args.save_every == 0:  # as the authors' ckpt-{epoch}.pth
         save(encoder, os.path.join(args.out_dir, f'encoder-{epoch}.pt'))
