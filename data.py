@@ -278,10 +278,12 @@ def save_grid(tiles, labels, columns, path, size=96):
 def show_views(images, path, n=8):
     """views.png: n originals x0 spread over the data set, each beside its two views v1, v2 labelled with their 11
     parameters."""
-    x, g = images[torch.linspace(0, len(images) - 1, n).long()].float().div(255), torch.Generator().manual_seed(0)
+    shown, g = torch.linspace(0, len(images) - 1, n).long(), torch.Generator().manual_seed(0)
+    x = images[shown].float().div(255)
     draws = [sample(len(x), x.shape[-1], g) for _ in range(2)]
     tiles = torch.stack([x, *(augment(x, p, order) for p, order in draws)], 1).flatten(0, 1)
     text = ('crop {:.0f},{:.0f} {:.0f}x{:.0f}\nflip {:.0f}\nb {:.2f} c {:.2f}\n'
             's {:.2f} h {:+.3f}\ngray {:.0f} blur {:.1f}')
-    labels = [t for i in range(len(x)) for t in [f'x0, image {i}', *(text.format(*p[i].tolist()) for p, _ in draws)]]
+    labels = [t for i, k in enumerate(shown.tolist())
+              for t in [f'x0, image {k}', *(text.format(*p[i].tolist()) for p, _ in draws)]]
     save_grid(tiles, labels, 6, path)
