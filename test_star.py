@@ -50,7 +50,8 @@ def write_stl10(root, n_unlabeled=64, n_train=20, n_test=20, seed=0):
         x.transpose(2, 3).contiguous().numpy().tofile(os.path.join(root, 'stl10_binary', f'{part}_X.bin'))
         written[part] = x
         if part != 'unlabeled':
-            (torch.arange(n) % 10 + 1).to(torch.uint8).numpy().tofile(os.path.join(root, 'stl10_binary', f'{part}_y.bin'))
+            labels = (torch.arange(n) % 10 + 1).to(torch.uint8)
+            labels.numpy().tofile(os.path.join(root, 'stl10_binary', f'{part}_y.bin'))
     return written
 
 
@@ -130,8 +131,10 @@ def one_view(fields):
 # the same formula up to rounding (1e-6); HSV round trips divide by the chroma (1e-5). kornia's and torchvision's
 # hue rotations agree; the other colour operations follow kornia, tested against closed forms below.
 @pytest.mark.parametrize('fields, reference, tol', [
-    (dict(top=3, left=5, height=20, width=13), lambda x: TF.resized_crop(x, 3, 5, 20, 13, [32, 32], antialias=True), 2e-5),
-    (dict(top=0, left=9, height=23, width=23, flip=1), lambda x: TF.hflip(TF.resized_crop(x, 0, 9, 23, 23, [32, 32])), 2e-5),
+    (dict(top=3, left=5, height=20, width=13),
+     lambda x: TF.resized_crop(x, 3, 5, 20, 13, [32, 32], antialias=True), 2e-5),
+    (dict(top=0, left=9, height=23, width=23, flip=1),
+     lambda x: TF.hflip(TF.resized_crop(x, 0, 9, 23, 23, [32, 32])), 2e-5),
     (dict(hue=-0.07), lambda x: TF.adjust_hue(x, -0.07), 1e-5),
     (dict(sigma=1.7), lambda x: TF.gaussian_blur(x, [3, 3], [1.7, 1.7]), 1e-6),
 ])
@@ -292,7 +295,8 @@ def independent_experts(batched):
     mlps = []
     for k in range(n):
         mlp = nn.Sequential(nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
-                            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 128))
+                            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                            nn.Linear(hidden, 128))
         mlp[0].weight.data = batched.w1[k].T.clone()
         mlp[3].weight.data = batched.w2[k].T.clone()
         mlp[6].weight.data, mlp[6].bias.data = batched.w3[k].T.clone(), batched.b3[k].clone()
@@ -392,7 +396,8 @@ def test_forward_wires_the_paper():
 
 def test_simclr_does_no_equivariant_work():
     simclr = STAR('resnet18', 'simclr')
-    assert not hasattr(simclr, 'shift') and hasattr(STAR('resnet18', 'star', 2), 'shift') and simclr.heads.experts.n == 1
+    assert not hasattr(simclr, 'shift') and hasattr(STAR('resnet18', 'star', 2), 'shift')
+    assert simclr.heads.experts.n == 1
     calls = []
     simclr.encoder.register_forward_hook(lambda *a: calls.append(1))
     out = simclr(None, torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), None, None)
@@ -408,7 +413,8 @@ def test_encoder_initialisation_is_the_authors():
             bound = m.weight[0].numel() ** -0.5
             assert m.weight.abs().max() <= bound, name
             assert abs(m.weight.std() / bound - 3 ** -0.5) < 0.05 * 3 ** -0.5 + 0.1 * (m.weight.numel() < 1000), name
-    assert all((block.bn2.weight == 0).all() for layer in [model.encoder.layer1, model.encoder.layer4] for block in layer)
+    blocks = [block for layer in [model.encoder.layer1, model.encoder.layer4] for block in layer]
+    assert all((block.bn2.weight == 0).all() for block in blocks)
     for linear in [model.heads.router_inv, model.shift.psi]:
         bound = linear.in_features ** -0.5
         assert linear.weight.abs().max() <= bound and linear.bias.abs().max() <= bound
@@ -453,7 +459,8 @@ def test_nt_xent_closed_forms():
     m, tau = 4, 0.2
     e = torch.eye(2 * m)  # orthonormal rows
     # identical pairs, all other rows orthogonal: -log(e^{1/tau} / (e^{1/tau} + 2m-2))
-    assert math.isclose(nt_xent(e[:m], e[:m], tau).item(), -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2 * m - 2)), rel_tol=1e-5)
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2 * m - 2))
+    assert math.isclose(nt_xent(e[:m], e[:m], tau).item(), expected, rel_tol=1e-5)
     # orthogonal pairs and all rows orthogonal: every similarity is 0, the loss is log(2m-1)
     assert math.isclose(nt_xent(e[:m], e[m:], tau).item(), math.log(2 * m - 1), rel_tol=1e-5)
 
@@ -586,7 +593,8 @@ def test_encoder_of_every_kth_epoch_is_kept(stl, tmp_path):
     root, _ = stl
     out = tmp_path / 'run'
     train.main(tiny_train_flags(root, str(out), '--epochs', '3', '--eval-interval', '0', '--save-every', '2')[1:])
-    assert sorted(f for f in os.listdir(out) if f.startswith('encoder') and f.endswith('.pt')) == ['encoder-2.pt', 'encoder.pt']
+    kept = sorted(f for f in os.listdir(out) if f.startswith('encoder') and f.endswith('.pt'))
+    assert kept == ['encoder-2.pt', 'encoder.pt']
 
 
 def test_non_finite_loss_stops_before_saving(stl, tmp_path):
@@ -638,7 +646,7 @@ def prepare_case(root, tmp_path, trained, setup):
 
 # (setup, command, the one line expected on stderr); every case exits 1 and leaves every file as it was
 MISTAKES = [
-    (None, ['train.py', '--epochs', '2'], 'holds a run (ckpt.pt, encoder.json, encoder.pt, log.jsonl, views.png): continue'),
+    (None, ['train.py', '--epochs', '2'], 'holds a run (ckpt.pt, encoder.json, encoder.pt, log.jsonl, views.png)'),
     ('lock', ['train.py', '--epochs', '2', '--resume'], 'another run is using'),
     (None, ['train.py', '--epochs', '2', '--resume', '--seed', '1'], 'seed: 0 there, 1 here'),
     (None, ['train.py', '--epochs', '2', '--resume', '--batch-size', '8'], 'batch_size: 16 there, 8 here'),
@@ -873,8 +881,10 @@ def test_probe_on_separable_classes_is_exact():
 
 def test_probe_on_shuffled_labels_is_at_chance():
     feats = three_splits_of_blobs()
-    shuffled = {s: (f, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(9))]) for s, (f, y) in feats.items()}
-    assert abs(ev.linear_probe(shuffled, 'synthetic', False, 'cpu')['accuracy'] - 1 / 3) < 0.1  # 3 classes, 300 test images
+    g = torch.Generator().manual_seed(9)
+    shuffled = {s: (f, y[torch.randperm(len(y), generator=g)]) for s, (f, y) in feats.items()}
+    accuracy = ev.linear_probe(shuffled, 'synthetic', False, 'cpu')['accuracy']
+    assert abs(accuracy - 1 / 3) < 0.1  # 3 classes, 300 test images
 
 
 def test_regularisation_is_chosen_on_validation_not_test():
@@ -965,7 +975,8 @@ def test_encoder_without_arguments_takes_its_pretraining_data(tmp_path, capsys):
 
 def test_mean_per_class_accuracy():
     pred, y = torch.tensor([0, 0, 0, 0, 1, 0]), torch.tensor([0, 0, 0, 0, 1, 1])
-    assert ev.accuracy(pred, y, False) == pytest.approx(5 / 6) and ev.accuracy(pred, y, True) == pytest.approx((1 + 0.5) / 2)
+    assert ev.accuracy(pred, y, False) == pytest.approx(5 / 6)
+    assert ev.accuracy(pred, y, True) == pytest.approx((1 + 0.5) / 2)
 
 
 def test_cca_separates_identical_from_independent_embeddings():
@@ -1140,7 +1151,8 @@ def test_feature_cache_follows_the_checkpoint(stl, trained, tmp_path, monkeypatc
     calls, encode = count_encodes(monkeypatch)
     ckpt = str(tmp_path / 'ckpt.pt')
     open(ckpt, 'wb').write(open(trained, 'rb').read())
-    args = ev.get_args(['--ckpt', ckpt, '--dataset', 'stl10', '--data-dir', root, '--cache-dir', str(tmp_path / 'cache'), '--device', 'cpu'])
+    args = ev.get_args(['--ckpt', ckpt, '--dataset', 'stl10', '--data-dir', root,
+                        '--cache-dir', str(tmp_path / 'cache'), '--device', 'cpu'])
     net, size, norm, _ = ev.load_encoder(ckpt)
     first = ev.features(args, net, size, norm)
     assert len(calls) == 2  # train and test
@@ -1369,8 +1381,10 @@ def test_torchrun_two_processes_trains_like_one(stl, tmp_path):
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     flags = ['--epochs', '1', '--eval-interval', '0', '--lr', '0.001']
     assert run(*tiny_train_flags(root, one, *flags)).returncode == 0
-    torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2', '--master_port', str(free_port())]
-    proc = subprocess.run([*torchrun, *tiny_train_flags(root, two, *flags)], cwd=HERE, capture_output=True, text=True, timeout=600)
+    torchrun = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node=2',
+                '--master_port', str(free_port())]
+    proc = subprocess.run([*torchrun, *tiny_train_flags(root, two, *flags)], cwd=HERE, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr
     a = torch.load(os.path.join(one, 'ckpt.pt'), weights_only=True)['model']
     b = torch.load(os.path.join(two, 'ckpt.pt'), weights_only=True)['model']

@@ -36,8 +36,8 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument('--dataset', choices=['stl10', 'folder'], default='stl10', help='stl10: STL-10 train+unlabeled '
-                   '(105k images, downloaded into --data-dir when online); folder: every image below --data-dir (below its '
-                   'train/ if it has one)')
+                   '(105k images, downloaded into --data-dir when online); folder: every image below --data-dir, '
+                   'or below its train/ if it has one')
     p.add_argument('--data-dir', default='data', help='holds stl10_binary/ for stl10; the image folder for folder')
     p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt, log.jsonl, views.png')
     p.add_argument('--arch', choices=['resnet18', 'resnet50'], default='resnet18', help='torchvision encoder')

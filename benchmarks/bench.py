@@ -105,7 +105,8 @@ def main():
           f'floor {floor:.2f} (multiply-adds)  {100 * (t_star / t_simclr / floor - 1):+.0f}% over the floor')
     print(f'(b) two views  {t_batched:.3f} s of a {t_star:.3f} s STAR step  share {100 * t_batched / t_star:.1f}%  '
           f'(target <= 3%)  [batched {2 * b / t_batched:.0f} img/s, per-image PIL {2 * b / t_pil:.0f} img/s]')
-    print(f'(c) heads      {t_heads:.3f} s of a {t_star:.3f} s STAR step  share {100 * t_heads / t_star:.1f}%  (target <= 5%)')
+    print(f'(c) heads      {t_heads:.3f} s of a {t_star:.3f} s STAR step  share {100 * t_heads / t_star:.1f}%  '
+          f'(target <= 5%)')
 
 
 if __name__ == '__main__':
