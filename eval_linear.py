@@ -474,7 +474,8 @@ def main(argv=None):
     result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
               'dataset': args.dataset, 'image_size': size, 'norm': norm}
     if args.analyze:
-        picture = f'routing-{digest[:8]}-{args.dataset}.png'
+        folder = hashlib.sha256(os.path.realpath(args.data_dir).encode()).hexdigest()[:6]  # the data's folder
+        picture = f'routing-{digest[:8]}-{args.dataset}-{folder}.png'
         picture = os.path.join(os.path.dirname(os.path.abspath(args.results)), picture)
         title = f'{result["name"]} on {args.dataset} ({os.path.realpath(args.data_dir)})'
         result |= {'task': 'analysis', **analyze(args, net, size, norm, ckpt, picture, title)}

@@ -1,9 +1,7 @@
 """STAR pretraining. The paper's STL-10 recipe is the default: python train.py --dataset stl10
 On G devices (DDP, SyncBatchNorm, negatives from all processes): torchrun --nproc_per_node=G train.py ..."""
 import argparse
-import contextlib
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -231,19 +229,6 @@ def run_files(out_dir):
     return sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f)) if os.path.isdir(out_dir) else []
 
 
-def lock(out_dir):
-    """An OS lock on OUT_DIR/lock while the file returned is open (even a killed run releases it)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, 'lock'), 'w')
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fail(f'another run is using {out_dir}; wait for it to end or choose another --out-dir')
-    except OSError:
-        fail(f'cannot write to --out-dir {out_dir}; choose a writable folder')
-    return f
-
-
 def load_data(args):
     """Pretraining images (uint8), their normalisation, and the labelled splits of the 1-NN monitor (or None)."""
     if args.dataset == 'folder':  # normalised by the channels' mean and std over up to 10,000 images
@@ -313,15 +298,20 @@ def main(argv=None):
     args = get_args(argv)
     world, rank, device = start_processes(args)
     ckpt = open_run(args, rank)
-    with lock(args.out_dir) if rank == 0 else contextlib.nullcontext():
-        try:
-            pretrain(args, ckpt, world, rank, device)
-        except KeyboardInterrupt:
-            fail('interrupted; continue with --resume' if os.path.exists(os.path.join(args.out_dir, 'ckpt.pt')) else
-                 'interrupted before the first epoch ended: nothing to resume; start again with --overwrite')
-        finally:
-            if world > 1:
-                dist.destroy_process_group()
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if not os.access(args.out_dir, os.W_OK):
+            raise PermissionError(13, 'permission denied')
+    except OSError as e:
+        fail(f'cannot write to --out-dir {args.out_dir} ({e.strerror}); choose a writable folder')
+    try:
+        pretrain(args, ckpt, world, rank, device)
+    except KeyboardInterrupt:
+        fail('interrupted; continue with --resume' if os.path.exists(os.path.join(args.out_dir, 'ckpt.pt')) else
+             'interrupted before the first epoch ended: nothing to resume; start again with --overwrite')
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def pretrain(args, ckpt, world, rank, device):
