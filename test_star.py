@@ -1164,12 +1164,17 @@ def test_feature_cache_follows_the_checkpoint(stl, trained, tmp_path, monkeypatc
     assert len(calls) == 4 and not torch.equal(changed['test'][0], first['test'][0])
 
 
+def shapes_probe(trained, folder, outputs):
+    """A tiny image-folder data set in `folder`, and the probe's arguments with cache and results in `outputs`."""
+    write_folder_dataset(folder, [('train', range(2), 2), ('test', range(2), 2)])
+    return ev.get_args(['--ckpt', trained, '--dataset', 'shapes', '--data-dir', str(folder), '--device', 'cpu',
+                        '--cache-dir', str(outputs / 'cache'), '--results', str(outputs / 'r.jsonl')])
+
+
 def test_feature_cache_follows_the_data_and_survives_corruption(trained, tmp_path, monkeypatch):
     folder = tmp_path / 'shapes'
-    write_folder_dataset(folder, [('train', range(2), 2), ('test', range(2), 2)])
+    args = shapes_probe(trained, folder, tmp_path)
     calls, encode = count_encodes(monkeypatch)
-    args = ev.get_args(['--ckpt', trained, '--dataset', 'shapes', '--data-dir', str(folder), '--device', 'cpu',
-                        '--cache-dir', str(tmp_path / 'cache'), '--results', str(tmp_path / 'r.jsonl')])
     net, size, norm, _ = ev.load_encoder(trained)
     ev.features(args, net, size, norm)
     ev.features(args, net, size, norm)
@@ -1186,10 +1191,8 @@ def test_feature_cache_follows_the_data_and_survives_corruption(trained, tmp_pat
 
 def test_feature_cache_inside_the_data_folder_hits(trained, tmp_path, monkeypatch):
     folder = tmp_path / 'shapes'
-    write_folder_dataset(folder, [('train', range(2), 2), ('test', range(2), 2)])
-    calls, encode = count_encodes(monkeypatch)
-    args = ev.get_args(['--ckpt', trained, '--dataset', 'shapes', '--data-dir', str(folder), '--device', 'cpu',
-                        '--cache-dir', str(folder / 'cache'), '--results', str(folder / 'r.jsonl')])
+    args = shapes_probe(trained, folder, folder)  # cache and results inside the data folder
+    calls, _ = count_encodes(monkeypatch)
     net, size, norm, _ = ev.load_encoder(trained)
     for _ in range(2):
         ev.features(args, net, size, norm)
