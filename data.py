@@ -1,18 +1,17 @@
-"""Data sets as uint8 tensors, batched augmentations that return their parameters, pairing x0 <-> views."""
-import functools
+"""Data sets (uint8 images in memory, or image files read by DataLoader workers), augmentations that return their
+parameters, pairing x0 <-> views."""
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 STL10_NORM = ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))  # the STL-10 normalisation of the paper's recipe
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # of ImageNet-100 and any other image folder
 FIELDS = ['top', 'left', 'height', 'width', 'flip', 'brightness', 'contrast', 'saturation', 'hue', 'gray', 'sigma']
 COL = {f: i for i, f in enumerate(FIELDS)}  # the column of each field in a parameter vector
 IDENTITY = torch.tensor([1.0, 1.0, 1.0, 0.0])  # colour jitter factors when jitter is not applied
@@ -23,10 +22,10 @@ def fail(msg):
     sys.exit(f'error: {msg}')
 
 
-def resize_crop(images, size):
-    """Resize the shorter side to `size` (bicubic, antialiased) and centre-crop to size x size; uint8 in, uint8 out."""
+def resize_crop(images, size, mode=TF.InterpolationMode.BICUBIC):
+    """Resize the shorter side to `size` (antialiased) and centre-crop to size x size; uint8 in, uint8 out."""
     if images.shape[-2:] != (size, size):
-        images = TF.center_crop(TF.resize(images, size, TF.InterpolationMode.BICUBIC, antialias=True), size)
+        images = TF.center_crop(TF.resize(images, size, mode, antialias=True), size)
     return images
 
 
@@ -58,6 +57,13 @@ def stl10(root, split, size=96):
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 SUN397_PARTITIONS = 'https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip'
+SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'splits')  # AugSelf's index files (SOURCE.md)
+
+
+def list_images(root):
+    """Every image file below root (links followed), in sorted order; none if root does not exist."""
+    return [os.path.join(d, f) for d, _, fs in sorted(os.walk(root, followlinks=True)) for f in sorted(fs)
+            if f.lower().endswith(EXTENSIONS)]
 
 
 def class_folders(root):
@@ -65,44 +71,32 @@ def class_folders(root):
     return sorted(e.name for e in os.scandir(root) if e.is_dir())
 
 
-def image_folder(root, size, classes=None):
-    """Every image below `root` (links followed), resized once, in torchvision ImageFolder's order (class, then
-    sorted paths); labelled by `classes` (default: the class folders; -1 outside them)."""
+def image_folder(root, classes=None):
+    """Paths of the images below root/CLASS for each of `classes` (default: the class folders), labelled by the
+    class's place in it, in torchvision ImageFolder's order: class by class, each in sorted order."""
     if not os.path.isdir(root):
         fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
-    rel = [os.path.relpath(os.path.join(d, f), root) for d, _, fs in sorted(os.walk(root, followlinks=True))
-           for f in sorted(fs) if f.lower().endswith(EXTENSIONS)]
-    folder = {r: r.split(os.sep)[0] if os.sep in r else None for r in rel}
-    stray = [r for r in rel if classes is not None and folder[r] not in classes]
-    if stray:
-        fail(f'{root}: {len(stray)} images are not in a class folder of the training split ({", ".join(stray[:3])}'
-             f'{", ..." if len(stray) > 3 else ""}); move or remove them')
     classes = classes or class_folders(root)
-    label = {r: classes.index(folder[r]) if folder[r] in classes else -1 for r in rel}
-    rel.sort(key=label.get)  # stable: class by class, each in sorted order
-    images, kept = load_images([os.path.join(root, r) for r in rel], size, root)
-    return images, torch.tensor([label[rel[i]] for i in kept]), classes
+    paths = [list_images(os.path.join(root, c)) for c in classes]
+    labels = torch.tensor([k for k, ps in enumerate(paths) for _ in ps], dtype=torch.long)
+    return [p for ps in paths for p in ps], labels, classes
 
 
-def load_images(paths, size, where):
-    """uint8 3 x size x size images of the readable files among `paths` (below `where`), and their indices;
-    unreadable files are named on stderr and skipped."""
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        loaded = pool.map(functools.partial(load_image, size=size), paths)
-        loaded = list(tqdm(loaded, total=len(paths), desc=f'loading {where}', leave=False))
-    bad = [p for p, x in zip(paths, loaded) if x is None]
-    if bad:
-        print(f'skipped {len(bad)} unreadable image files: {", ".join(bad[:5])}{", ..." if len(bad) > 5 else ""}',
-              file=sys.stderr)
-    if len(bad) == len(paths):
-        fail(f'no readable images ({", ".join(EXTENSIONS)}) in {where}')
-    kept = [i for i, x in enumerate(loaded) if x is not None]
-    return torch.stack([loaded[i] for i in kept]), kept
+def imagenet100(root, split):
+    """Paths and labels of ImageNet-100 in root/split (train or val, of class-id folders): AugSelf's 100 classes,
+    labelled in its list's order."""
+    with open(os.path.join(SPLITS, 'imagenet100.txt')) as f:
+        classes = f.read().split()
+    missing = [c for c in classes if not os.path.isdir(os.path.join(root, split, c))]
+    if missing:
+        fail(f'{os.path.join(root, split)} lacks {len(missing)} of the ImageNet-100 class folders ({missing[0]}, ...); '
+             f'point --data-dir at an ImageNet root with train/ and val/ of class-id folders')
+    return image_folder(os.path.join(root, split), classes)[:2]
 
 
-def sun397(root, split, size):
-    """SUN397 partition 1 as AugSelf reads it: Training_01.txt (train) or Testing_01.txt (test), each line labelled
-    by its class's place in ClassName.txt; images and partition files in torchvision's folder root/SUN397."""
+def sun397(root, split):
+    """Paths and labels of SUN397 partition 1 as AugSelf reads it: Training_01.txt (train) or Testing_01.txt (test),
+    each line labelled by its class's place in ClassName.txt; images and partition files in root/SUN397."""
     folder = os.path.join(root, 'SUN397')
     names = ['ClassName.txt', f'{"Training" if split == "train" else "Testing"}_01.txt']
     try:
@@ -119,26 +113,72 @@ def sun397(root, split, size):
     with open(os.path.join(folder, names[1])) as f:
         lines = [line.strip() for line in f if line.strip()]
     labels = [next(i for i, c in enumerate(classes) if line.startswith(c + '/')) for line in lines]
-    images, kept = load_images([os.path.join(folder, line.lstrip('/')) for line in lines], size, folder)
-    return images, torch.tensor(labels)[kept]
+    return [os.path.join(folder, line.lstrip('/')) for line in lines], torch.tensor(labels)
 
 
-def pil_to_uint8(img, size):
-    """Any PIL image as uint8 RGB: integer grey (16-bit in image files) scaled by its bit depth, float grey from
-    [0, 1] (PIL's convert would clip both)."""
+def pil_to_uint8(img, size=None):
+    """Any PIL image as uint8 RGB (resized and centre-cropped to `size` if given): integer grey (16-bit in image
+    files) scaled by its bit depth, float grey from [0, 1] (PIL's convert would clip both)."""
     if img.mode[0] in 'IF':
         full = 1.0 if img.mode == 'F' else 65535.0
         img = img.point(lambda v: v * 255 / full).convert('L')
-    return resize_crop(TF.pil_to_tensor(img.convert('RGB')), size)
+    x = TF.pil_to_tensor(img.convert('RGB'))
+    return x if size is None else resize_crop(x, size)
 
 
-def load_image(path, size):
-    """An image file as uint8 3 x size x size, or None when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return pil_to_uint8(img, size)
-    except OSError:
-        return None
+def image_sizes(paths, n=2000):
+    """(height, width) of up to n of the files, drawn with a fixed seed, read from their headers (nothing decoded)."""
+    sizes = []
+    for i in torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))[:n].tolist():
+        try:
+            with Image.open(paths[i]) as img:
+                sizes.append(img.size[::-1])
+        except OSError:
+            pass
+    if not sizes:
+        fail(f'none of {min(n, len(paths))} image files drawn from {os.path.dirname(paths[0])} and others is readable')
+    return torch.tensor(sizes)
+
+
+class Images(torch.utils.data.Dataset):
+    """Images by index: uint8 tensors in memory, or files decoded by the DataLoader worker that reads them. Item i is
+    (x0, label); item (i, key) is (x0, two views, their parameters 2 x 11 drawn by a generator seeded with key). x0 is
+    the image resized and centre-cropped to `size`; a view is a RandomResizedCrop box drawn on the image's own size
+    and resized to size x size, antialiased; flip and colour follow on the device (augment). An unreadable file is
+    named on stderr and replaced by the next readable one."""
+
+    def __init__(self, source, labels, size, mode=TF.InterpolationMode.BILINEAR):
+        self.source, self.labels, self.size, self.mode = source, labels, size, mode
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        i, key = item if isinstance(item, tuple) else (item, None)
+        i, img = self.read(i)
+        x0 = resize_crop(img, self.size, self.mode)
+        if key is None:
+            return x0, self.labels[i]
+        p = sample(torch.tensor([img.shape[-2:]] * 2), torch.Generator().manual_seed(key))
+        views = [TF.resized_crop(img, *p[v, :4].int().tolist(), [self.size] * 2, antialias=True) for v in range(2)]
+        return x0, torch.stack(views), p
+
+    def read(self, i):
+        """(index, uint8 image) of image i, or of the first readable one after it."""
+        if torch.is_tensor(self.source):
+            return i, self.source[i]
+        for j in (k % len(self.source) for k in range(i, i + len(self.source))):
+            try:
+                with Image.open(self.source[j]) as img:
+                    return j, pil_to_uint8(img)
+            except (OSError, SyntaxError, ValueError):  # what PIL raises on a corrupt or truncated file
+                print(f'skipped unreadable image file {self.source[j]}', file=sys.stderr)
+        fail(f'no readable images among {len(self.source)} files in {os.path.dirname(self.source[0])} and around')
+
+
+def loader(ds, workers, batches=None):
+    """ds's items, 256 at a time in order or as `batches` lists them, read by `workers` processes."""
+    return torch.utils.data.DataLoader(ds, 256 if batches is None else 1, batch_sampler=batches, num_workers=workers)
 
 
 def normalize(x, norm):
@@ -148,44 +188,40 @@ def normalize(x, norm):
 
 # ---- augmentations: sample the parameters of every view, then apply them (a pure function of images and parameters)
 
-def sample(n, size, g):
-    """Parameters (n x 11, FIELDS) of n views of size x size images, and the order of the four colour operations,
-    one for the batch as kornia's ColorJitter draws it."""
-    area = size * size * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # RandomResizedCrop, 10 attempts
+def sample(sizes, g):
+    """Parameters (n x 11, FIELDS) of views of n images of `sizes` (n x 2: height, width); the crop is torchvision's
+    RandomResizedCrop, in source pixels."""
+    n, (height, width) = len(sizes), sizes.float().T[..., None]
+    area = height * width * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # 10 attempts
     ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
-    ok = (w <= size) & (h <= size)
-    first = ok.float().argmax(1, keepdim=True)  # first attempt that fits; the whole image when none does
-    h = torch.where(ok.any(1), h.gather(1, first)[:, 0], size)
-    w = torch.where(ok.any(1), w.gather(1, first)[:, 0], size)
-    top = (torch.rand(n, generator=g) * (size - h + 1)).floor()
-    left = (torch.rand(n, generator=g) * (size - w + 1)).floor()
+    ok = (w <= width) & (h <= height)
+    first = ok.float().argmax(1, keepdim=True)  # the first attempt that fits
+    fits, (height, width) = ok.any(1), sizes.float().T
+    clamped = (width / height).clamp(3 / 4, 4 / 3)  # none fits: the centre box of the nearest allowed ratio
+    h = torch.where(fits, h.gather(1, first)[:, 0], torch.minimum(height, (width / clamped).round()))
+    w = torch.where(fits, w.gather(1, first)[:, 0], torch.minimum(width, (height * clamped).round()))
+    top = torch.where(fits, (torch.rand(n, generator=g) * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(fits, (torch.rand(n, generator=g) * (width - w + 1)).floor(), ((width - w) / 2).floor())
     flip = (torch.rand(n, generator=g) < 0.5).float()
     jittered = torch.rand(n, 1, generator=g) < 0.8
     bcs, hue = torch.empty(n, 3).uniform_(0.6, 1.4, generator=g), torch.empty(n, 1).uniform_(-0.1, 0.1, generator=g)
     factors = torch.where(jittered, torch.cat([bcs, hue], 1), IDENTITY)
     gray = (torch.rand(n, generator=g) < 0.2).float()
     sigma = torch.where(torch.rand(n, generator=g) < 0.5, torch.empty(n).uniform_(0.1, 2.0, generator=g), 0.0)
-    order = torch.rand(4, generator=g).argsort()
-    return torch.cat([torch.stack([top, left, h, w, flip], 1), factors, torch.stack([gray, sigma], 1)], 1), order
+    return torch.cat([torch.stack([top, left, h, w, flip], 1), factors, torch.stack([gray, sigma], 1)], 1)
 
 
-def param_stats(size, n=200_000):
-    """Mean and std of the parameter vector, estimated from the sampler itself with a fixed seed."""
-    p, _ = sample(n, size, torch.Generator().manual_seed(0))
+def jitter_order(g):
+    """The order of the four colour operations: one for a batch of views, as kornia's ColorJitter draws it."""
+    return torch.rand(4, generator=g).argsort()
+
+
+def param_stats(sizes, n=200_000):
+    """Mean and std of the parameter vector, from the sampler itself on images of `sizes` (k x 2), seeded."""
+    g = torch.Generator().manual_seed(0)
+    p = sample(sizes[torch.randint(len(sizes), (n,), generator=g)], g)
     return p.mean(0), p.std(0)
-
-
-def crop_flip(x, p):
-    """Per-sample crop (top, left, height, width in source pixels), bilinear resize back to the input size, flip."""
-    n, _, size, _ = x.shape
-    j = (torch.arange(size, device=x.device) + 0.5) / size
-    top, left, h, w, flip = p[:, :5].T
-    ys = (top[:, None] + j * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
-    xs = (left[:, None] + j * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
-    xs = torch.where(flip[:, None] > 0, xs.flip(1), xs)
-    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), -1)
-    return F.grid_sample(x, (2 * grid + 1) / size - 1, mode='bilinear', padding_mode='border', align_corners=False)
 
 
 def hsv_saturation(x, f):
@@ -234,8 +270,8 @@ def gray(x, _):
 
 
 def augment(x, p, order):
-    """Views of float images x in [0, 1] from parameters p (n x 11): crop, flip, colour in `order`, gray, blur."""
-    x = crop_flip(x, p)
+    """Views of float crops x in [0, 1] with parameters p (n x 11): flip, colour in `order`, gray, blur."""
+    x = torch.where(p[:, COL['flip'], None, None, None] > 0, x.flip(-1), x)
     for op in order.tolist():  # each operation only on the samples it moves, so the identity is exact
         f = p[:, COL['brightness'] + op]
         x = apply_to(x, f != IDENTITY[op], COLOUR[op], f)
@@ -251,39 +287,21 @@ def apply_to(x, mask, fn, factor):
     return x
 
 
-def make_views(images, p, order, norm, stats):
-    """The pairing the method needs from uint8 images and two draws of `sample` (p: 2 x B x 11, order: 2 x 4):
-    x0 (the normalised original), views v1, v2 and standardised parameters a1, a2."""
-    x = images.float().div(255)
-    mean, std = (s.to(x.device) for s in stats)
-    p = p.to(x.device)
-    v1, v2 = (normalize(augment(x, p[i], order[i]), norm) for i in range(2))
-    return normalize(x, norm), v1, v2, (p[0] - mean) / std, (p[1] - mean) / std
+def make_views(x0, views, p, order, norm, stats):
+    """The pairing the method needs from a batch of training items of Images (x0, views: B x 2 x 3 x S x S, both
+    uint8; p: B x 2 x 11) and colour orders (2 x 4): x0 and views v1, v2 normalised, standardised parameters a1, a2."""
+    mean, std = (s.to(x0.device) for s in stats)
+    p = p.to(x0.device)
+    v1, v2 = (normalize(augment(views[:, v].float().div(255), p[:, v], order[v]), norm) for v in range(2))
+    return normalize(x0.float().div(255), norm), v1, v2, (p[:, 0] - mean) / std, (p[:, 1] - mean) / std
 
 
 # ---- pictures
 
-def save_grid(tiles, labels, columns, path, size=96):
-    """Float images (N x 3 x H x W in [0, 1]) resized to size x size as one PNG grid, each labelled below."""
-    lines = max(text.count('\n') + 1 for text in labels)
-    tiles = F.pad(TF.resize(tiles, [size, size], antialias=True), (0, 0, 0, 12 * lines + 2), value=1.0)
-    img = TF.to_pil_image(torchvision.utils.make_grid(tiles.clamp(0, 1), columns, padding=4, pad_value=1.0))
-    draw = ImageDraw.Draw(img)
-    for i, text in enumerate(labels):
-        draw.multiline_text((4 + i % columns * (size + 4), 4 + i // columns * (tiles.shape[2] + 4) + size + 1), text,
-                            fill=(0, 0, 0), spacing=2)
-    img.save(path)
-
-
-def show_views(images, path, n=8):
-    """views.png: n originals x0 spread over the data set, each beside its two views v1, v2 labelled with their 11
-    parameters."""
-    shown, g = torch.linspace(0, len(images) - 1, n).long(), torch.Generator().manual_seed(0)
-    x = images[shown].float().div(255)
-    draws = [sample(len(x), x.shape[-1], g) for _ in range(2)]
-    tiles = torch.stack([x, *(augment(x, p, order) for p, order in draws)], 1).flatten(0, 1)
-    text = ('crop {:.0f},{:.0f} {:.0f}x{:.0f}\nflip {:.0f}\nb {:.2f} c {:.2f}\n'
-            's {:.2f} h {:+.3f}\ngray {:.0f} blur {:.1f}')
-    labels = [t for i, k in enumerate(shown.tolist())
-              for t in [f'x0, image {k}', *(text.format(*p[i].tolist()) for p, _ in draws)]]
-    save_grid(tiles, labels, 6, path)
+def show_views(ds, path, n=8):
+    """views.png: n originals x0 spread over the data set (Images), each beside its two views v1, v2, two to a row."""
+    shown, g = torch.linspace(0, len(ds) - 1, n).long().tolist(), torch.Generator().manual_seed(0)
+    x0, views, p = torch.utils.data.default_collate([ds[(k, k)] for k in shown])
+    views = [augment(views[:, v].float().div(255), p[:, v], jitter_order(g)) for v in range(2)]
+    tiles = torch.stack([x0.float().div(255), *views], 1).flatten(0, 1)
+    torchvision.utils.save_image(TF.resize(tiles, [96, 96], antialias=True), path, nrow=6, padding=4, pad_value=1)

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as D
-from PIL import Image, ImageDraw
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import data
@@ -32,24 +32,25 @@ TORCHVISION = {
     'caltech101': (D.Caltech101, {'all': {}}),
     'aircraft': (D.FGVCAircraft, {s: {'split': s} for s in ['train', 'val', 'test']}),
 }
-SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'splits')  # AugSelf's index files (SOURCE.md)
-# AugSelf's validation hold-outs: (train, val) sizes and the seed of torch.utils.data.random_split
+# AugSelf's validation hold-outs (ImageNet-100's: the STAR authors'): (train, val) sizes and the seed of random_split
 HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food101': (68175, 7575, 42),
-            'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50)}
-PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))}
+            'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50),
+            'imagenet100': (114020, 12669, 12)}
+PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, data.IMAGENET_NORM)}
+WORKERS = min(8, os.cpu_count() or 1)  # DataLoader processes that read and resize the images
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 ANALYSIS_COLUMNS = ['cca', 'cca_unpaired', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr',
                     'frozen_hit1', 'frozen_pre']
 SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'chance_mrr',
-         *ANALYSIS_COLUMNS, 'routing_png', 'note']
+         *ANALYSIS_COLUMNS, 'note']
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=train.Help)
     p.add_argument('--ckpt', help="train.py's ckpt.pt or encoder.pt, or an official checkpoint ({'backbone': ...})")
-    p.add_argument('--dataset', help=f'stl10, sun397, {", ".join(TORCHVISION)}; any other name is an image folder '
-                                     '(--data-dir with train/ and test/ of class folders, e.g. mit67, cars)')
+    p.add_argument('--dataset', help=f'stl10, imagenet100, sun397, {", ".join(TORCHVISION)}; any other name is an '
+                                     'image folder (--data-dir with train/, test/ of class folders: mit67, cars, ...)')
     p.add_argument('--data-dir', default='data', help='torchvision root (downloads there when online) or image folder')
     p.add_argument('--metric', choices=['top1', 'mean-per-class'],
                    help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
@@ -75,19 +76,14 @@ def check_task(args):
     """Refuse, before any work, what cannot run to the end: a missing flag, an unknown data set, unwritable output."""
     if not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
-    if os.sep in args.dataset or (args.dataset not in [*TORCHVISION, 'stl10', 'sun397'] and
+    if os.sep in args.dataset or (args.dataset not in [*TORCHVISION, 'stl10', 'imagenet100', 'sun397'] and
                                   not os.path.isdir(os.path.join(args.data_dir, 'train'))):
-        fail(f'--dataset {args.dataset}: not one of stl10, sun397, {", ".join(TORCHVISION)}, nor a name for the image '
-             f'folder --data-dir {args.data_dir} (which needs train/ and test/ of class folders)')
+        fail(f'--dataset {args.dataset}: not one of stl10, imagenet100, sun397, {", ".join(TORCHVISION)}, nor a name '
+             f'for the image folder --data-dir {args.data_dir} (which needs train/ and test/ of class folders)')
     if args.analyze and 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
         fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
-    try:
-        os.makedirs(args.cache_dir, exist_ok=True)
-        open(args.results, 'a').close()
-        if not os.access(args.cache_dir, os.W_OK):
-            raise PermissionError(13, 'permission denied')
-    except OSError as e:
-        fail(f'cannot write --results {args.results} or --cache-dir {args.cache_dir} ({e.strerror}); choose others')
+    train.writable(args.cache_dir, '--cache-dir')
+    train.writable(os.path.dirname(os.path.abspath(args.results)), 'the folder of --results')
 
 
 def load_encoder(path, pretrain_data=None):
@@ -116,27 +112,32 @@ def load_encoder(path, pretrain_data=None):
 
 
 def load_split(name, root, split, size):
-    """uint8 images, resized and centre-cropped, and labels of one split (an image folder's by train/'s classes)."""
-    if name in ('stl10', 'sun397'):
-        return getattr(data, name)(root, split, size)
+    """A data set of (uint8 image resized (bicubic) and centre-cropped to size, label) items of one split; an image
+    folder's labelled by the classes of its train/."""
+    images = functools.partial(data.Images, size=size, mode=TF.InterpolationMode.BICUBIC)
+    if name == 'stl10':
+        return images(*data.stl10(root, split, size))
+    if name == 'sun397':
+        return images(*data.sun397(root, split))
+    if name == 'imagenet100':
+        return images(*data.imagenet100(root, 'val' if split == 'test' else split))
     if name not in TORCHVISION:
         classes = data.class_folders(os.path.join(root, 'train'))
         if not classes:
             fail(f'{root}/train holds no class folders; an image-folder data set is train/ and test/ of class folders')
-        return data.image_folder(os.path.join(root, split), size, classes)[:2]
+        paths, labels, _ = data.image_folder(os.path.join(root, split), classes)
+        stray = sorted(set(data.list_images(os.path.join(root, split))) - set(paths))
+        if stray:
+            fail(f'{root}/{split}: {len(stray)} images are not in a class folder of the training split (e.g. '
+                 f'{", ".join(os.path.relpath(p, os.path.join(root, split)) for p in stray[:3])}); move them')
+        return images(paths, labels)
     cls, kwargs = TORCHVISION[name]
     try:
         transform = functools.partial(data.pil_to_uint8, size=size)
-        ds = cls(root, **kwargs.get(split, kwargs.get('all')), transform=transform, download=True)
+        return cls(root, **kwargs.get(split, kwargs.get('all')), transform=transform, download=True)
     except Exception as e:
         fail(f'{name} ({split}) not found in {root}, download failed ({type(e).__name__}); place the files where '
              f'torchvision.datasets.{cls.__name__}(root="{root}") expects them')
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count()))
-    batches = list(tqdm(loader, desc=f'loading {name} {split}', leave=False))
-    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    # AugSelf's Food-101 order: class by class as in meta/classes.txt (alphabetical), each in meta/SPLIT.json's order
-    order = y.argsort(stable=True) if name == 'food101' else torch.arange(len(y))
-    return x[order], y[order]
 
 
 def sha256(path):
@@ -152,13 +153,16 @@ def features(args, net, size, norm):
     files = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p, st in zip(paths, map(os.stat, paths))]
     out, digest = {}, sha256(args.ckpt)
     for split in TORCHVISION[args.dataset][1] if args.dataset in TORCHVISION else ['train', 'test']:
-        key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32', 'augself order']).encode()
+        key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32', 'streamed']).encode()
         path = os.path.join(args.cache_dir, f'{args.dataset}-{split}-{hashlib.sha256(key).hexdigest()[:16]}.pt')
         try:
             out[split] = torch.load(path, weights_only=True)
-        except Exception:  # not cached yet, or a corrupt file: encode again
-            x, y = load_split(args.dataset, args.data_dir, split, size)
-            out[split] = train.encode(net.to(args.device), x, norm, torch.device(args.device)), y
+        except Exception:  # not cached yet, or a corrupt file: encode batch by batch as the loader reads the images
+            batches = data.loader(load_split(args.dataset, args.data_dir, split, size), WORKERS)
+            f, y = train.encode(net.to(args.device), batches, norm, torch.device(args.device))
+            # AugSelf's Food-101 order: class by class as in meta/classes.txt (alphabetical), each in SPLIT.json's
+            order = y.argsort(stable=True) if args.dataset == 'food101' else torch.arange(len(y))
+            out[split] = f[order], y[order]
             train.save(out[split], path)
     return out
 
@@ -173,7 +177,7 @@ def random_split(f, y, held_out, seed):
 def probe_splits(name, feats):
     """(train, val, test): official splits; AugSelf's index files (Caltech-101's into the whole set, SUN397's into
     its train split); else AugSelf's hold-outs (HOLD_OUT, scaled to the size), else (ours) 10% val."""
-    path = os.path.join(SPLITS, f'{name}.json')
+    path = os.path.join(data.SPLITS, f'{name}.json')
     if os.path.exists(path):
         source = feats.pop('all') if 'all' in feats else feats['train']
         with open(path) as f:
@@ -332,66 +336,46 @@ def fit_predictor(h0, h_v, a, epochs=10, seed=0):
     return predictor.eval()
 
 
-def view_features(net, images, norm, device, stats, views, seed=0):
-    """Features h(x0) (N x d), h(v) of `views` views per image (N x views x d), standardised parameters a."""
-    g = torch.Generator().manual_seed(seed)
-    draws = [data.sample(len(images), images.shape[-1], g) for _ in range(views)]
-    bar = tqdm(draws, desc='views', leave=False)
-    h_v = torch.stack([train.encode(net, images, norm, device, d) for d in bar], 1)
-    a = (torch.stack([p for p, _ in draws], 1) - stats[0]) / stats[1]
-    return train.encode(net, images, norm, device), h_v, a
+def view_features(net, ds, norm, device, stats, views, seed=0):
+    """Features h(x0) (N x d) of a data set's images, h(v) of `views` views of each (N x views x d), and their
+    standardised parameters a."""
+    images = torch.cat([x for x, _ in data.loader(ds, WORKERS)])
+    ds, h_v, a = data.Images(images, torch.zeros(len(images)), images.shape[-1]), [], []
+    for m in tqdm(range(views), desc='views', leave=False):
+        g, items = torch.Generator().manual_seed(hash((seed, m))), torch.arange(len(ds)).split(256)
+        crops = data.loader(ds, WORKERS, [[(i, hash((seed, m, i))) for i in b.tolist()] for b in items])
+        f, p = train.encode(net, ((data.augment(v[:, 0].float().div(255), p[:, 0], data.jitter_order(g)), p[:, 0])
+                                  for _, v, p in crops), norm, device)
+        h_v.append(f)
+        a.append((p - stats[0]) / stats[1])
+    return train.encode(net, data.loader(ds, WORKERS), norm, device)[0], torch.stack(h_v, 1), torch.stack(a, 1)
 
 
 @torch.no_grad()
-def model_analysis(model, h0, h_v, a, picture, title):
+def model_analysis(model, h0, h_v, a):
     """A model with an equivariant head, on test features: redundancy of z_inv and z_eq (CCA; of views; of unpaired
-    rows, the floor n images give; effective ranks), its own predictor's ranking, and routing (`picture`)."""
+    rows, the floor n images give; effective ranks), its own predictor's ranking, and each router's mean weights."""
     z, views = model.eval().heads(h0), [model.heads(h) for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)]
     z1, z_eq = views[0], torch.stack([v['z_eq'] for v in views], 1)
     z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
     corr = cca(z['z_inv'], z['z_eq'])
     unpaired = z['z_eq'][torch.randperm(len(h0), generator=torch.Generator().manual_seed(0))]  # CCA's floor at this n
-    routing = torch.stack([z['s_inv'].mean(0), z['s_eq'].mean(0)])
-    show_routing(routing, picture, title)
     return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), **equivariance(z_hat, z_eq),
             'cca_views': cca(z1['z_inv'], z1['z_eq']).mean().item(),
             'cca_unpaired': cca(z['z_inv'], unpaired).mean().item(),
             'erank_inv': effective_rank(z['z_inv']), 'erank_eq': effective_rank(z['z_eq']),
-            'routing_inv': routing[0].tolist(), 'routing_eq': routing[1].tolist(), 'routing_png': picture}
+            'routing_inv': z['s_inv'].mean(0).tolist(), 'routing_eq': z['s_eq'].mean(0).tolist()}
 
 
-def show_routing(routing, path, title, half=150):
-    """The routing picture: a row per expert, each router's mean weight drawn as a bar from the uniform share 1/N (the
-    grey line), right of it above the share and left below it (blue: invariant router, orange: equivariant), at a
-    scale set by the largest departure; each weight written at the end of its row."""
-    n, centre = routing.shape[1], 40 + half
-    departure = routing - 1 / n
-    scale = half / max(departure.abs().max().item(), 1e-9)
-    img = Image.new('RGB', (centre + half + 170, 44 + 28 * n), 'white')
-    draw = ImageDraw.Draw(img)
-    draw.text((4, 4), title, fill='black')
-    draw.text((4, 18), f'mean routing weight per expert, bars from 1/N = {1 / n:.4f}; blue: invariant router, '
-                       f'orange: equivariant', fill='black')
-    for k in range(n):
-        y = 40 + 28 * k
-        draw.text((4, y + 6), f'E{k}', fill='black')
-        for j, colour in enumerate([(40, 90, 200), (230, 120, 30)]):
-            end = centre + departure[j, k].item() * scale
-            draw.rectangle([min(centre, end), y + 12 * j, max(centre, end), y + 12 * j + 9], fill=colour)
-        draw.text((centre + half + 10, y + 6), f'inv {routing[0, k]:.4f}  eq {routing[1, k]:.4f}', fill='black')
-    draw.line([centre, 36, centre, 40 + 28 * n], fill=(128, 128, 128))
-    img.save(path)
-
-
-def analyze(args, net, size, norm, ckpt, picture, title, views=16):
+def analyze(args, net, size, norm, ckpt, views=16):
     """Equivariance of any encoder's frozen features: a predictor fitted on train ranks each test view among `views`
     views of its image; model_analysis for train.py checkpoints with an equivariant head."""
     run, model = ckpt.get('args', {}), None
     if run.get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
         model = STAR(run['arch'], run['heads'], run['experts'])
         train.load_weights(model, ckpt['model'], args.ckpt)
-    net, stats = net.to(args.device), data.param_stats(size)
-    (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size)[0], norm,
+    net, stats = net.to(args.device), data.param_stats(torch.tensor([[size, size]]))
+    (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size), norm,
                                                   args.device, stats, views) for split in ('train', 'test'))
     out = {'views': views, 'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views}
     predictor = fit_predictor(h0, h_v, a)
@@ -401,7 +385,7 @@ def analyze(args, net, size, norm, ckpt, picture, title, views=16):
     if model and len(t0) < 10 * 2 * EMBED:
         out['note'] = (f'{len(t0)} test images are too few for a CCA of 2 x {EMBED} dimensions (want 10 times as '
                        f'many): compare cca with cca_unpaired, its floor at this number of images')
-    return out | (model_analysis(model, t0, t_v, t_a, picture, title) if model else {})
+    return out | (model_analysis(model, t0, t_v, t_a) if model else {})
 
 
 def rank(value, values):
@@ -474,11 +458,7 @@ def main(argv=None):
     result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
               'dataset': args.dataset, 'image_size': size, 'norm': norm}
     if args.analyze:
-        folder = hashlib.sha256(os.path.realpath(args.data_dir).encode()).hexdigest()[:6]  # the data's folder
-        picture = f'routing-{digest[:8]}-{args.dataset}-{folder}.png'
-        picture = os.path.join(os.path.dirname(os.path.abspath(args.results)), picture)
-        title = f'{result["name"]} on {args.dataset} ({os.path.realpath(args.data_dir)})'
-        result |= {'task': 'analysis', **analyze(args, net, size, norm, ckpt, picture, title)}
+        result |= {'task': 'analysis', **analyze(args, net, size, norm, ckpt)}
     elif args.few_shot:
         f, y = few_shot_pool(args.dataset, features(args, net, size, norm))
         result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),

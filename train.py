@@ -22,7 +22,7 @@ from model import STAR
 
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
 RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'precision', 'eval_interval', 'save_every',
-             'resume', 'overwrite')
+             'workers', 'resume', 'overwrite')
 OLDER = {'jitter': 'official'}  # flags a checkpoint may lack or hold that this code no longer has, and their value
 RUN_FILES = re.compile(r'(ckpt|encoder(-\d+)?)\.pt(\.tmp)?|encoder\.json|log\.jsonl|views\.png')  # what a run writes
 
@@ -33,10 +33,11 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument('--dataset', choices=['stl10', 'folder'], default='stl10', help='stl10: STL-10 train+unlabeled '
-                   '(105k images, downloaded into --data-dir when online); folder: every image below --data-dir, '
-                   'or below its train/ if it has one')
-    p.add_argument('--data-dir', default='data', help='holds stl10_binary/ for stl10; the image folder for folder')
+    p.add_argument('--dataset', choices=['stl10', 'imagenet100', 'folder'], default='stl10', help='stl10: STL-10 '
+                   'train+unlabeled (105k images, downloaded into --data-dir when online); imagenet100: the 100 '
+                   'classes of train/; folder: every image below --data-dir, or below its train/ if it has one')
+    p.add_argument('--data-dir', default='data', help='holds stl10_binary/ for stl10; the ImageNet root (train/ and '
+                   'val/ of class-id folders) for imagenet100; the image folder for folder')
     p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt, log.jsonl, views.png')
     p.add_argument('--arch', choices=['resnet18', 'resnet50'], default='resnet18', help='torchvision encoder')
     p.add_argument('--heads', choices=['star', 'shared', 'separate'], default='star', help='star: N soft-routed '
@@ -50,7 +51,10 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=int, default=256, help='global batch, split over the processes')
     p.add_argument('--lr', type=float, default=0.03, help='SGD learning rate per 256 images (lr * batch / 256 is used)')
     p.add_argument('--wd', type=float, default=5e-4, help='weight decay on all parameters')
-    p.add_argument('--image-size', type=int, default=96, help='images are resized once at load to this size')
+    p.add_argument('--image-size', type=int, default=96, help='side of x0 and of the views (stl10: the images are '
+                   'resized once at load to it); 224 for imagenet100')
+    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='DataLoader processes per '
+                   'training process that read, decode and crop the images; 0: in the training process')
     p.add_argument('--seed', type=int, default=0, help='initialisation, sample order and every augmentation follow it')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help="fp32 as the authors train; bf16: "
@@ -71,8 +75,8 @@ def get_args(argv=None):
     args.experts = (16 if args.experts is None else args.experts) if args.heads == 'star' else None
     inf = math.inf
     require(args, {'batch_size': (2, inf), 'experts': (2, inf), 'image_size': (32, 1024), 'epochs': (1, inf),
-                   'save_every': (0, inf), 'eval_interval': (0, inf), 'eq_weight': (0, inf), 'wd': (0, inf),
-                   'seed': (0, 2 ** 63 - 1), 'lr': (0, inf), 'tau': (0, inf)}, above=('lr', 'tau'))
+                   'save_every': (0, inf), 'eval_interval': (0, inf), 'workers': (0, 256), 'eq_weight': (0, inf),
+                   'wd': (0, inf), 'seed': (0, 2 ** 63 - 1), 'lr': (0, inf), 'tau': (0, inf)}, above=('lr', 'tau'))
     check_device(args.device)
     return args
 
@@ -109,30 +113,32 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
 
 @torch.no_grad()
-def encode(encoder, images, norm, device, views=None, batch=256):
-    """Pooled features (eval mode, float32, on the CPU) of uint8 images, or of their views (p, order) if given."""
+def encode(encoder, batches, norm, device):
+    """Pooled features (eval mode, float32, on the CPU) of batches of images (uint8, or float in [0, 1]) as they come,
+    with what accompanies each batch (labels) concatenated."""
     encoder.eval()
-    feats = []
-    for i in tqdm(range(0, len(images), batch), desc='encoding', leave=False):
-        x = images[i:i + batch].to(device).float().div(255)
-        x = x if views is None else data.augment(x, views[0][i:i + batch].to(device), views[1])
+    feats, extra = [], []
+    for x, y in tqdm(batches, desc='encoding', leave=False):
+        x = x.to(device)
+        x = x.float().div(255) if x.dtype == torch.uint8 else x
         feats.append(encoder(data.normalize(x, norm)).cpu())
-    return torch.cat(feats)
+        extra.append(y)
+    return torch.cat(feats), torch.cat(extra)
 
 
-def knn_top1(train, train_y, test, test_y):
-    """1-nearest-neighbour accuracy with cosine similarity."""
-    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
+def knn_top1(train, test):
+    """1-nearest-neighbour accuracy with cosine similarity, of (features, labels) of the two splits."""
+    (train, train_y), (test, test_y) = ((F.normalize(f, dim=1), y) for f, y in (train, test))
     nearest = torch.cat([(t @ train.T).argmax(1) for t in test.split(1024)])
     return (train_y[nearest] == test_y).float().mean().item()
 
 
-def objective(net, images, p, order, run, args):
-    """L_inv and L_eq of one batch (L_eq = 0 for SimCLR), and the forward pass's named parts."""
-    views = data.make_views(images, p, order, run['norm'], run['stats'])
-    if images.is_cuda:
+def objective(net, batch, order, run, args):
+    """L_inv and L_eq of one batch of training items (L_eq = 0 for SimCLR), and the forward pass's named parts."""
+    views = data.make_views(*(t.to(run['device']) for t in batch), order, run['norm'], run['stats'])
+    if views[0].is_cuda:
         views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
+    with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
         out = net(*views)
     tau = args.tau
     l_inv = nt_xent(*out['z_inv'], tau)
@@ -145,10 +151,10 @@ def lr_at(args, epoch):
     return args.lr * args.batch_size / 256 * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
 
 
-def shard(x, rank, world, dim=0):
-    """This process's contiguous share of a global-batch tensor whose batch dimension is `dim`."""
-    b = x.shape[dim] // world
-    return x.narrow(dim, rank * b, b)
+def shard(x, rank, world):
+    """This process's contiguous share of a global batch."""
+    b = len(x) // world
+    return x[rank * b:(rank + 1) * b]
 
 
 def save(obj, path):
@@ -225,31 +231,61 @@ def open_run(args, rank):
     return ckpt
 
 
+def writable(folder, flag):
+    """Make `folder`, or end in one line if it cannot be written to."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(13, 'permission denied')
+    except OSError as e:
+        fail(f'cannot write to {flag} {folder} ({e.strerror}); choose a writable folder')
+
+
 def run_files(out_dir):
     return sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f)) if os.path.isdir(out_dir) else []
 
 
 def load_data(args):
-    """Pretraining images (uint8), their normalisation, and the labelled splits of the 1-NN monitor (or None)."""
-    if args.dataset == 'folder':  # normalised by the channels' mean and std over up to 10,000 images
+    """The pretraining images (Images), their normalisation, sizes (k x 2) for the parameter statistics, and the
+    labelled (train, test) Images of the 1-NN monitor (or None)."""
+    size, rank = args.image_size, int(os.environ.get('RANK', 0))
+    if args.dataset == 'stl10':
+        images, labels = data.stl10(args.data_dir, 'train+unlabeled', size)
+        monitor = [data.Images(images[labels >= 0], labels[labels >= 0], size),
+                   data.Images(*data.stl10(args.data_dir, 'test', size), size)]
+        return data.Images(images, labels, size), data.STL10_NORM, torch.tensor([[size, size]]), monitor
+    if args.dataset == 'imagenet100':
+        paths, labels = data.imagenet100(args.data_dir, 'train')
+        monitor = [data.Images(paths, labels, size), data.Images(*data.imagenet100(args.data_dir, 'val'), size)]
+    else:
         root = os.path.join(args.data_dir, 'train')
         root = root if os.path.isdir(root) else args.data_dir
-        if root != args.data_dir and int(os.environ.get('RANK', 0)) == 0:
+        if root != args.data_dir and rank == 0:
             print(f'pretraining on {root} only: {args.data_dir} holds other splits beside it')
-        images, _, _ = data.image_folder(root, args.image_size)
-        x = images[:: max(1, len(images) // 10000)].float().div(255).transpose(0, 1).flatten(1)
-        return images, (tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())), None
-    images, labels = data.stl10(args.data_dir, 'train+unlabeled', args.image_size)
-    monitor = (images[labels >= 0], labels[labels >= 0], *data.stl10(args.data_dir, 'test', args.image_size))
-    return images, data.STL10_NORM, monitor
+        paths, monitor = data.list_images(root), None
+        if not paths:
+            fail(f'no images ({", ".join(data.EXTENSIONS)}) below {root}; point --data-dir at a folder of images')
+        labels = torch.full((len(paths),), -1)
+    return data.Images(paths, labels, size), data.IMAGENET_NORM, data.image_sizes(paths), monitor
 
 
-def step_views(args, epoch, step):
-    """Parameters (2 x B x 11) and colour orders (2 x 4) of a step's two views: a function of (seed, epoch, step),
-    so views differ from epoch to epoch and a resumed run draws those of an uninterrupted one."""
+def steps(n, args, start, rank, world):
+    """The training items of every epoch from `start` on, step by step: this process's share of each global batch of
+    a permutation drawn from (seed, epoch), each image's views keyed by (seed, epoch, its place in the permutation).
+    Views thus differ from epoch to epoch, and a resumed run, or one over more processes, draws those of an
+    uninterrupted one."""
+    batch, share = args.batch_size, args.batch_size // world
+    for epoch in range(start, args.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(hash((args.seed, epoch)))).tolist()
+        for step in range(n // batch):
+            slots = range(step * batch + rank * share, step * batch + (rank + 1) * share)
+            yield [(perm[s], hash((args.seed, epoch, s))) for s in slots]
+
+
+def step_orders(args, epoch, step):
+    """The colour orders (2 x 4) of a step's two view batches, a function of (seed, epoch, step)."""
     g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
-    views = [data.sample(args.batch_size, args.image_size, g) for _ in range(2)]
-    return [torch.stack(t) for t in zip(*views)]
+    return torch.stack([data.jitter_order(g) for _ in range(2)])
 
 
 def stop(what, epoch, flag):
@@ -259,19 +295,17 @@ def stop(what, epoch, flag):
                         f'no epoch was saved: start afresh with --overwrite and a lower {flag}'))
 
 
-def train_epoch(net, opt, images, epoch, args, run):
-    """One epoch over `images`; returns the mean loss terms, the learning rate and each router's mean weights."""
-    steps, rank, world = len(images) // args.batch_size, run['rank'], run['world']
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(hash((args.seed, epoch))))
+def train_epoch(net, opt, batches, epoch, args, run):
+    """One epoch of `batches` (the loader's, of steps); returns the mean loss terms, the learning rate and each
+    router's mean weights."""
+    rank, world, n = run['rank'], run['world'], run['steps']
     sums, routing, lr = torch.zeros(2), 0, lr_at(args, epoch)
     for group in opt.param_groups:  # the schedule: constant within an epoch
         group['lr'] = lr
-    for step in (bar := tqdm(range(steps), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank > 0)):
-        # this process's share of the global batch and of its views' parameters
-        p, order = step_views(args, epoch, step)
-        p, idx = shard(p, rank, world, dim=1), shard(perm[step * args.batch_size:][:args.batch_size], rank, world)
-        # forward and the loss L = L_inv + lambda L_eq
-        l_inv, l_eq, out = objective(net, images[idx].to(run['device']), p, order, run, args)
+    bar = tqdm(zip(range(n), batches), f'epoch {epoch + 1}/{args.epochs}', n, disable=rank > 0)
+    for step, batch in bar:
+        # forward (this process's share of the global batch) and the loss L = L_inv + lambda L_eq
+        l_inv, l_eq, out = objective(net, batch, step_orders(args, epoch, step), run, args)
         loss = l_inv + args.eq_weight * l_eq
         # stop on a non-finite loss, before anything of this epoch is saved
         terms = torch.stack([l_inv, l_eq, loss]).detach()
@@ -290,20 +324,15 @@ def train_epoch(net, opt, images, epoch, args, run):
         sums += terms[:2]
         routing = routing + torch.stack([out[s].detach().float().mean(0) for s in ('s_inv', 's_eq') if s in out]).cpu()
         bar.set_postfix(L_inv=f'{terms[0]:.3f}', L_eq=f'{terms[1]:.3f}')
-    return {'loss_inv': sums[0].item() / steps, 'loss_eq': sums[1].item() / steps, 'lr': lr,
-            'routing': dict(zip(['inv', 'eq'], (routing / steps).tolist()))}
+    return {'loss_inv': sums[0].item() / n, 'loss_eq': sums[1].item() / n, 'lr': lr,
+            'routing': dict(zip(['inv', 'eq'], (routing / n).tolist()))}
 
 
 def main(argv=None):
     args = get_args(argv)
     world, rank, device = start_processes(args)
     ckpt = open_run(args, rank)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        if not os.access(args.out_dir, os.W_OK):
-            raise PermissionError(13, 'permission denied')
-    except OSError as e:
-        fail(f'cannot write to --out-dir {args.out_dir} ({e.strerror}); choose a writable folder')
+    writable(args.out_dir, '--out-dir')
     try:
         pretrain(args, ckpt, world, rank, device)
     except KeyboardInterrupt:
@@ -318,11 +347,12 @@ def pretrain(args, ckpt, world, rank, device):
     start, history = (ckpt['epoch'], ckpt['log']) if ckpt else (0, [])
     if start >= args.epochs:
         return print(f'{args.out_dir}: the run is finished ({start} of {args.epochs} epochs); raise --epochs to go on')
-    images, norm, monitor = load_data(args)
-    steps = len(images) // args.batch_size
-    if steps == 0:
+    images, norm, sizes, monitor = load_data(args)
+    per_epoch = len(images) // args.batch_size
+    if per_epoch == 0:
         fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
-    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(args.image_size)}
+    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(sizes),
+           'steps': per_epoch}
 
     # model, optimiser, and the state to resume from
     torch.manual_seed(args.seed)
@@ -335,24 +365,24 @@ def pretrain(args, ckpt, world, rank, device):
         load_weights(model, ckpt['model'], os.path.join(args.out_dir, 'ckpt.pt'))
         opt.load_state_dict(ckpt['optimizer'])
     net = DistributedDataParallel(model) if world > 1 else model
+    batches = iter(data.loader(images, args.workers, steps(len(images), args, start, rank, world)))
     if rank == 0:
         prepare_out_dir(args, history, images, norm)
         what = f'resuming from epoch {start} of {args.epochs}' if ckpt else f'starting a run of {args.epochs} epochs'
-        print(f'{what}: {args.dataset}, {len(images)} images, {steps} steps of {args.batch_size} per epoch, {device} '
-              f'({args.precision}), {world} process(es), writing to {args.out_dir}')
+        print(f'{what}: {args.dataset}, {len(images)} images, {per_epoch} steps of {args.batch_size} per epoch, '
+              f'{device} ({args.precision}), {world} process(es), writing to {args.out_dir}')
 
     t_start = time.time()
     for epoch in range(start, args.epochs):
         model.train()
         t0 = time.time()
-        log = {'epoch': epoch + 1, **train_epoch(net, opt, images, epoch, args, run)}
+        log = {'epoch': epoch + 1, **train_epoch(net, opt, batches, epoch, args, run)}
         if rank > 0:
             continue
-        log['images_per_s'] = steps * args.batch_size / (time.time() - t0)
+        log['images_per_s'] = per_epoch * args.batch_size / (time.time() - t0)
         if monitor and args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs):
-            train_x, train_y, test_x, test_y = monitor
-            log['knn_top1'] = knn_top1(encode(model.encoder, train_x, norm, device), train_y,
-                                       encode(model.encoder, test_x, norm, device), test_y)
+            log['knn_top1'] = knn_top1(*(encode(model.encoder, data.loader(ds, args.workers), norm, device)
+                                         for ds in monitor))
         eta = (time.time() - t_start) / (epoch + 1 - start) * (args.epochs - epoch - 1)
         print(f'epoch {epoch + 1}/{args.epochs}  L_inv {log["loss_inv"]:.4f}  L_eq {log["loss_eq"]:.4f}  '
               f'lr {log["lr"]:.4g}  {log["images_per_s"]:.0f} img/s  ETA {datetime.timedelta(seconds=round(eta))}'

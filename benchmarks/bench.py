@@ -1,8 +1,10 @@
 """Speed figures of the training step, printed side by side from one run on this machine:
   (a) STAR step time / SimCLR step time, same batch and encoder, beside its floor: the ratio of the two steps'
       multiply-adds (forward and backward), counted by torch.utils.flop_counter.FlopCounterMode
-  (b) the share of a STAR step spent making the two views (target <= 3% on the CPU); a per-image torchvision PIL
-      pipeline making the same views is printed beside it, for information
+  (b) the share of a STAR step spent on the device making the two views from the crops the DataLoader workers
+      bring (flip, colour, grayscale, blur; target <= 3% on the CPU), and the workers' rate of training items
+      (x0 and two crops with their parameters, from images in memory) per worker; a per-image torchvision PIL
+      pipeline making the whole views is printed beside it, for information
   (c) the heads' (experts, routers, psi, phi, losses) share of a STAR step (target <= 5% at 96 px)
 python benchmarks/bench.py [--batch-size 64] [--device cpu] [--repeats 3]"""
 import argparse
@@ -43,9 +45,9 @@ def flops(fn):
     return counter.get_total_flops()
 
 
-def two_views(b, size, g):
-    """Parameters (2 x b x 11) and colour orders (2 x b x 4) of two views of b images, as train.py draws them."""
-    return [torch.stack(t) for t in zip(*(data.sample(b, size, g) for _ in range(2)))]
+def training_batch(ds, b):
+    """b training items of ds, as one DataLoader worker makes them."""
+    return torch.utils.data.default_collate([ds[(i, i)] for i in range(b)])
 
 
 def main():
@@ -58,15 +60,16 @@ def main():
     args = p.parse_args()
     device, b, s = torch.device(args.device), args.batch_size, args.image_size
     images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)
-    stats = data.param_stats(s)
-    params, order = two_views(b, s, torch.Generator().manual_seed(0))
-    run, flags = {'norm': data.STL10_NORM, 'stats': stats}, argparse.Namespace(tau=0.2, precision='fp32')
+    ds, stats = data.Images(images, torch.zeros(b), s), data.param_stats(torch.tensor([[s, s]]))
+    batch, order = training_batch(ds, b), train.step_orders(argparse.Namespace(seed=0), 0, 0)
+    run = {'norm': data.STL10_NORM, 'stats': stats, 'device': device}
+    flags = argparse.Namespace(tau=0.2, precision='fp32')
 
     def step_fn(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step():
-            l_inv, l_eq, _ = train.objective(model, images.to(device), params, order, run, flags)
+            l_inv, l_eq, _ = train.objective(model, batch, order, run, flags)
             opt.zero_grad()
             (l_inv + l_eq).backward()
             opt.step()
@@ -97,14 +100,18 @@ def main():
                      T.ToTensor(), T.Normalize(*data.STL10_NORM)])
     pil_images = [T.functional.to_pil_image(x) for x in images]
     t_pil = timed(lambda: [torch.stack([pil(x) for x in pil_images]) for _ in range(2)], device, args.repeats)
-    t_batched = timed(lambda: data.make_views(images.to(device), *two_views(b, s, torch.Generator()),
-                                              data.STL10_NORM, stats), device, args.repeats)
+    t_batched = timed(lambda: data.make_views(*(t.to(device) for t in batch), order, data.STL10_NORM, stats), device,
+                      args.repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    t_items = timed(lambda: training_batch(ds, b), device, args.repeats)
+    torch.set_num_threads(threads)
 
     print(f'device {device}, batch {b}, {s} px, ResNet-18, {args.experts} experts, median of {args.repeats}')
     print(f'(a) step time  STAR {t_star:.3f} s  SimCLR {t_simclr:.3f} s  ratio {t_star / t_simclr:.2f}  '
           f'floor {floor:.2f} (multiply-adds)  {100 * (t_star / t_simclr / floor - 1):+.0f}% over the floor')
     print(f'(b) two views  {t_batched:.3f} s of a {t_star:.3f} s STAR step  share {100 * t_batched / t_star:.1f}%  '
-          f'(target <= 3%)  [batched {2 * b / t_batched:.0f} img/s, per-image PIL {2 * b / t_pil:.0f} img/s]')
+          f'(target <= 3%)  [workers: {b / t_items:.0f} items/s each; per-image PIL views {2 * b / t_pil:.0f} img/s]')
     print(f'(c) heads      {t_heads:.3f} s of a {t_star:.3f} s STAR step  share {100 * t_heads / t_star:.1f}%  '
           f'(target <= 5%)')
 
