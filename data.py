@@ -133,10 +133,10 @@ def image_sizes(paths, n=2000):
         try:
             with Image.open(paths[i]) as img:
                 sizes.append(img.size[::-1])
-        except OSError:
+        except (OSError, SyntaxError, ValueError):  # not an image: the worker that reads it will say so
             pass
     if not sizes:
-        fail(f'none of {min(n, len(paths))} image files drawn from {os.path.dirname(paths[0])} and others is readable')
+        fail(f'none of {min(n, len(paths))} image files drawn at random (e.g. {paths[0]}) reads as an image')
     return torch.tensor(sizes)
 
 
@@ -173,7 +173,7 @@ class Images(torch.utils.data.Dataset):
                     return j, pil_to_uint8(img)
             except (OSError, SyntaxError, ValueError):  # what PIL raises on a corrupt or truncated file
                 print(f'skipped unreadable image file {self.source[j]}', file=sys.stderr)
-        fail(f'no readable images among {len(self.source)} files in {os.path.dirname(self.source[0])} and around')
+        fail(f'none of the {len(self.source)} image files (e.g. {self.source[0]}) reads as an image')
 
 
 def loader(ds, workers, batches=None):

@@ -181,8 +181,11 @@ def probe_splits(name, feats):
     if os.path.exists(path):
         source = feats.pop('all') if 'all' in feats else feats['train']
         with open(path) as f:
-            for split, i in json.load(f).items():
-                feats[split] = check_indices(source, torch.tensor(i), name)
+            for split, i in json.load(f).items():  # one line if the data set is smaller than the file expects
+                if max(i, default=-1) >= len(source[1]):
+                    fail(f'{name} has {len(source[1])} images where AugSelf\'s split file indexes up to {max(i) + 1}; '
+                         f'the data set is incomplete: download it again')
+                feats[split] = source[0][i], source[1][i]
     if 'val' not in feats:
         n_train, n_val, seed = HOLD_OUT.get(name, (9, 1, 0))
         if len(feats['train'][1]) < 2:
@@ -190,14 +193,6 @@ def probe_splits(name, feats):
         n_val = max(1, len(feats['train'][1]) * n_val // (n_train + n_val))
         feats['train'], feats['val'] = random_split(*feats['train'], n_val, seed)
     return feats['train'], feats['val'], feats['test']
-
-
-def check_indices(source, i, name):
-    """source's rows i, or one line when the data set is smaller than AugSelf's index file expects."""
-    if len(i) and i.max() >= len(source[1]):
-        fail(f'{name} has {len(source[1])} images where AugSelf\'s split file indexes up to {i.max() + 1}; '
-             f'the data set is incomplete: download it again')
-    return source[0][i], source[1][i]
 
 
 def with_bias(x):

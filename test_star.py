@@ -135,8 +135,13 @@ def test_an_unreadable_file_is_named_and_replaced_never_crashing_a_worker(tmp_pa
     x0, views, p = next(iter(data.loader(ds, 1, [[(6, 0)]])))  # a training item of it, in a worker too
     assert (x0 == 10).all() and (views == 10).all() and p[0, :, 2:4].max() <= 60
     os.makedirs(tmp_path / 'empty')
+    for name in ['0.png', '1.png', '2.png']:
+        os.remove(tmp_path / 'dog' / name)  # leaves dog/ with broken.jpg only
     with pytest.raises(SystemExit, match='no images'):
         train.load_data(train.get_args(['--dataset', 'folder', '--data-dir', str(tmp_path / 'empty')]))
+    with pytest.raises(SystemExit, match=r'none of 1 image files drawn at random \(e.g. .*broken.jpg\) reads as an'):
+        train.load_data(train.get_args(['--dataset', 'folder', '--data-dir', str(tmp_path / 'dog'), '--out-dir',
+                                        str(tmp_path / 'empty' / 'run')]))
 
 
 def one_view(fields):

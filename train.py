@@ -59,7 +59,8 @@ def get_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help="fp32 as the authors train; bf16: "
                    "autocast of the forward pass, faster on recent GPUs")
-    p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs (stl10); 0: never')
+    p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs, train -> test '
+                   '(stl10) or val (imagenet100); 0: never')
     p.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
     p.add_argument('--overwrite', action='store_true', help='start afresh in an --out-dir that holds a run')
     args = p.parse_args(argv)
