@@ -339,8 +339,9 @@ def view_features(net, ds, norm, device, stats, views, seed=0):
     for m in tqdm(range(views), desc='views', leave=False):
         g, items = torch.Generator().manual_seed(hash((seed, m))), torch.arange(len(ds)).split(256)
         crops = data.loader(ds, WORKERS, [[(i, hash((seed, m, i))) for i in b.tolist()] for b in items])
-        f, p = train.encode(net, ((data.augment(v[:, 0].float().div(255), p[:, 0], data.jitter_order(g)), p[:, 0])
-                                  for _, v, p in crops), norm, device)
+        batches = ((data.augment(v[:, 0].to(device).float().div(255), p[:, 0].to(device), data.jitter_order(g)),
+                    p[:, 0]) for _, v, p in crops)  # the first view of each item, augmented on the device
+        f, p = train.encode(net, batches, norm, device)
         h_v.append(f)
         a.append((p - stats[0]) / stats[1])
     return train.encode(net, data.loader(ds, WORKERS), norm, device)[0], torch.stack(h_v, 1), torch.stack(a, 1)
