@@ -191,13 +191,12 @@ def normalize(x, norm):
 def sample(sizes, g):
     """Parameters (n x 11, FIELDS) of views of n images of `sizes` (n x 2: height, width); the crop is torchvision's
     RandomResizedCrop, in source pixels."""
-    n, (height, width) = len(sizes), sizes.float().T[..., None]
-    area = height * width * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # 10 attempts
+    n, (height, width) = len(sizes), sizes.float().T
+    area = (height * width)[:, None] * torch.empty(n, 10).uniform_(0.2, 1.0, generator=g)  # 10 attempts
     ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
-    ok = (w <= width) & (h <= height)
-    first = ok.float().argmax(1, keepdim=True)  # the first attempt that fits
-    fits, (height, width) = ok.any(1), sizes.float().T
+    ok = (w <= width[:, None]) & (h <= height[:, None])
+    first, fits = ok.float().argmax(1, keepdim=True), ok.any(1)  # the first attempt that fits, if any
     clamped = (width / height).clamp(3 / 4, 4 / 3)  # none fits: the centre box of the nearest allowed ratio
     h = torch.where(fits, h.gather(1, first)[:, 0], torch.minimum(height, (width / clamped).round()))
     w = torch.where(fits, w.gather(1, first)[:, 0], torch.minimum(width, (height * clamped).round()))
