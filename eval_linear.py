@@ -3,8 +3,6 @@
   few-shot:      python eval_linear.py --ckpt out/ckpt.pt --dataset cub200 --data-dir ~/data/cub200 --few-shot 5
   analysis:      python eval_linear.py --ckpt out/ckpt.pt --dataset stl10 --analyze
   the table:     python eval_linear.py --summary"""
-import argparse
-import functools
 import hashlib
 import json
 import math
@@ -12,166 +10,76 @@ import os
 
 import torch
 import torch.nn.functional as F
-import torchvision.datasets as D
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import data
-import train
-from data import fail
-from model import EMBED, STAR, Shift, encoder
-
-# name: (torchvision class, keyword arguments of each official split); 'all' marks a data set with no official split
-TORCHVISION = {
-    'cifar10': (D.CIFAR10, {'train': {'train': True}, 'test': {'train': False}}),
-    'cifar100': (D.CIFAR100, {'train': {'train': True}, 'test': {'train': False}}),
-    'food101': (D.Food101, {'train': {'split': 'train'}, 'test': {'split': 'test'}}),
-    'flowers102': (D.Flowers102, {s: {'split': s} for s in ['train', 'val', 'test']}),
-    'pets': (D.OxfordIIITPet, {'train': {'split': 'trainval'}, 'test': {'split': 'test'}}),
-    'dtd': (D.DTD, {s: {'split': s, 'partition': 1} for s in ['train', 'val', 'test']}),
-    'caltech101': (D.Caltech101, {'all': {}}),
-    'aircraft': (D.FGVCAircraft, {s: {'split': s} for s in ['train', 'val', 'test']}),
-}
+from data import TORCHVISION, fail
+from model import EMBED, STAR, Shift, load_encoder, load_weights
 # AugSelf's validation hold-outs (ImageNet-100's: the STAR authors'): (train, val) sizes and the seed of random_split
 HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food101': (68175, 7575, 42),
             'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50),
             'imagenet100': (114020, 12669, 12)}
-PRETRAIN = {'stl10': (96, data.STL10_NORM), 'imagenet100': (224, data.IMAGENET_NORM)}
 WORKERS = min(8, os.cpu_count() or 1)  # DataLoader processes that read and resize the images
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
-ANALYSIS_COLUMNS = ['cca', 'cca_unpaired', 'cca_top10', 'erank_inv', 'erank_eq', 'mrr', 'hit1', 'pre', 'frozen_mrr',
-                    'frozen_hit1', 'frozen_pre']
-SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'chance_mrr',
-         *ANALYSIS_COLUMNS, 'note']
+SAMPLE = 5000  # training images the analysis fits its frozen predictor on: a seeded sample, the same for every run
+ANALYSIS_COLUMNS = ['cca', 'mrr', 'hit1', 'hit5', 'pre', 'frozen_mrr', 'frozen_hit1', 'frozen_hit5',
+                    'frozen_pre']
+SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'sample',
+         *ANALYSIS_COLUMNS]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.Help)
+    p = data.parser(__doc__)
     p.add_argument('--ckpt', help="train.py's ckpt.pt or encoder.pt, or an official checkpoint ({'backbone': ...})")
     p.add_argument('--dataset', help=f'stl10, imagenet100, sun397, {", ".join(TORCHVISION)}; any other name is an '
                                      'image folder (--data-dir with train/, test/ of class folders: mit67, cars, ...)')
     p.add_argument('--data-dir', default='data', help='torchvision root (downloads there when online) or image folder')
-    p.add_argument('--metric', choices=['top1', 'mean-per-class'],
-                   help='default: mean-per-class for pets, flowers102, caltech101, aircraft; top1 otherwise')
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
-    p.add_argument('--episodes', type=int, default=2000, help='few-shot episodes')
-    p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; with a ckpt.pt of an '
-                   'equivariant head also redundancy (CCA), its own predictor, and routing (routing-HASH.png)')
+    p.add_argument('--episodes', type=int, help='few-shot episodes (2000 if not given)')
+    p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; of a ckpt.pt with an '
+                   'equivariant head, also the CCA of z_inv and z_eq, its own predictor and its routing')
     p.add_argument('--summary', action='store_true', help='print the tables of the results in --results')
     p.add_argument('--results', default='results.jsonl', help='every run appends a JSON line here')
-    p.add_argument('--cache-dir', default='.cache/features', help='encoder features, keyed by all they depend on')
-    p.add_argument('--pretrain-data', choices=list(PRETRAIN), help='size and normalisation of encoders without '
-                   'train.py arguments: stl10 (96 px) or imagenet100 (224 px); default from the architecture')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     args = p.parse_args(argv)
-    train.check_device(args.device)
-    train.require(args, {'few_shot': (1, math.inf), 'episodes': (1, math.inf)})
+    data.check_device(args.device)
+    data.require(args, {'few_shot': (1, math.inf), 'episodes': (1, math.inf)})
     if not args.summary:
         check_task(args)
+    if args.few_shot and args.episodes is None:
+        args.episodes = 2000
     return args
 
 
 def check_task(args):
-    """Refuse, before any work, what cannot run to the end: a missing flag, an unknown data set, unwritable output."""
+    """Refuse, before any work, what cannot run to the end: a missing flag, a flag that cannot act, unwritable
+    output."""
     if not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
-    if os.sep in args.dataset or (args.dataset not in [*TORCHVISION, 'stl10', 'imagenet100', 'sun397'] and
-                                  not os.path.isdir(os.path.join(args.data_dir, 'train'))):
-        fail(f'--dataset {args.dataset}: not one of stl10, imagenet100, sun397, {", ".join(TORCHVISION)}, nor a name '
-             f'for the image folder --data-dir {args.data_dir} (which needs train/ and test/ of class folders)')
     if args.analyze and 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
         fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
-    train.writable(args.cache_dir, '--cache-dir')
-    train.writable(os.path.dirname(os.path.abspath(args.results)), 'the folder of --results')
-
-
-def load_encoder(path, pretrain_data=None):
-    """(encoder, image size, normalisation, checkpoint) from any checkpoint layout; an encoder without train.py's
-    arguments takes those of its pretraining data (`pretrain_data`, by default from the architecture)."""
-    ckpt, size = train.load_checkpoint(path), None
-    state = ckpt.get('backbone', ckpt)  # encoder.pt, or the official STAR / AugSelf layout
-    if 'model' in ckpt and 'args' in ckpt:  # train.py's ckpt.pt
-        size, norm = ckpt['args']['image_size'], ckpt['norm']
-        state = {k.removeprefix('encoder.'): v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
-    state = {k.removeprefix('module.'): v for k, v in state.items() if not k.startswith('fc.')}
-    arch = 'resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18'
-    net, _ = encoder(arch)
-    train.load_weights(net, state, path)
-    sidecar = os.path.join(os.path.dirname(path), 'encoder.json')  # written by train.py beside encoder*.pt
-    if size is None and os.path.exists(sidecar) and not pretrain_data:
-        with open(sidecar) as f:
-            run = json.load(f)
-        size, norm = run['image_size'], run['norm']
-    if size is None:
-        pretrain_data = pretrain_data or ('imagenet100' if arch == 'resnet50' else 'stl10')
-        size, norm = PRETRAIN[pretrain_data]
-        print(f'{path}: a {arch} without train.py arguments, probed as pretrained on {pretrain_data} ({size} px, '
-              f'its normalisation); --pretrain-data sets this')
-    return net, size, norm, ckpt
-
-
-def load_split(name, root, split, size):
-    """A data set of (uint8 image resized (bicubic) and centre-cropped to size, label) items of one split; an image
-    folder's labelled by the classes of its train/."""
-    images = functools.partial(data.Images, size=size, mode=TF.InterpolationMode.BICUBIC)
-    if name == 'stl10':
-        return images(*data.stl10(root, split, size))
-    if name == 'sun397':
-        return images(*data.sun397(root, split))
-    if name == 'imagenet100':
-        return images(*data.imagenet100(root, 'val' if split == 'test' else split))
-    if name not in TORCHVISION:
-        classes = data.class_folders(os.path.join(root, 'train'))
-        if not classes:
-            fail(f'{root}/train holds no class folders; an image-folder data set is train/ and test/ of class folders')
-        paths, labels, _ = data.image_folder(os.path.join(root, split), classes)
-        stray = sorted(set(data.list_images(os.path.join(root, split))) - set(paths))
-        if stray:
-            fail(f'{root}/{split}: {len(stray)} images are not in a class folder of the training split (e.g. '
-                 f'{", ".join(os.path.relpath(p, os.path.join(root, split)) for p in stray[:3])}); move them')
-        return images(paths, labels)
-    cls, kwargs = TORCHVISION[name]
+    task = '--analyze' if args.analyze else '--few-shot' if args.few_shot else 'the linear probe'
+    acts = {'few_shot': not args.analyze, 'episodes': task == '--few-shot'}
+    for flag in [f for f, used in acts.items() if not used and getattr(args, f) is not None]:
+        fail(f'--{flag.replace("_", "-")} has no effect with {task}: drop it')
     try:
-        transform = functools.partial(data.pil_to_uint8, size=size)
-        return cls(root, **kwargs.get(split, kwargs.get('all')), transform=transform, download=True)
-    except Exception as e:
-        fail(f'{name} ({split}) not found in {root}, download failed ({type(e).__name__}); place the files where '
-             f'torchvision.datasets.{cls.__name__}(root="{root}") expects them')
-
-
-def sha256(path):
-    with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()
+        open(args.results, 'a').close()  # as the result will be written, before any work
+    except OSError as e:
+        fail(f'cannot append to --results {args.results!r} ({e.strerror}); give a file in a writable folder')
 
 
 def features(args, net, size, norm):
-    """{split: (features, labels)}, encoded once and cached under a key of all they depend on."""
-    root = os.path.realpath(args.data_dir)
-    ours = (os.path.realpath(args.cache_dir) + os.sep, os.path.realpath(args.results))  # may lie inside the data
-    paths = sorted(p for d, _, fs in os.walk(root) for f in fs if not (p := os.path.join(d, f)).startswith(ours))
-    files = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p, st in zip(paths, map(os.stat, paths))]
-    out, digest = {}, sha256(args.ckpt)
+    """{split: (features, labels)} of the frozen encoder, each split encoded batch by batch as its loader reads it."""
+    out = {}
     for split in TORCHVISION[args.dataset][1] if args.dataset in TORCHVISION else ['train', 'test']:
-        key = json.dumps([digest, args.dataset, root, files, split, size, norm, 'float32', 'streamed']).encode()
-        path = os.path.join(args.cache_dir, f'{args.dataset}-{split}-{hashlib.sha256(key).hexdigest()[:16]}.pt')
-        try:
-            out[split] = torch.load(path, weights_only=True)
-        except Exception:  # not cached yet, or a corrupt file: encode batch by batch as the loader reads the images
-            batches = data.loader(load_split(args.dataset, args.data_dir, split, size), WORKERS)
-            f, y = train.encode(net.to(args.device), batches, norm, torch.device(args.device))
-            # AugSelf's Food-101 order: class by class as in meta/classes.txt (alphabetical), each in SPLIT.json's
-            order = y.argsort(stable=True) if args.dataset == 'food101' else torch.arange(len(y))
-            out[split] = f[order], y[order]
-            train.save(out[split], path)
+        batches = data.loader(data.labelled(args.dataset, args.data_dir, split, size), WORKERS)
+        f, y = data.encode(net.to(args.device), batches, norm, torch.device(args.device))
+        # AugSelf's Food-101 order: class by class as in meta/classes.txt (alphabetical), each in SPLIT.json's
+        order = y.argsort(stable=True) if args.dataset == 'food101' else torch.arange(len(y))
+        out[split] = f[order], y[order]
     return out
-
-
-def random_split(f, y, held_out, seed):
-    """(rest, held-out) of (f, y), split as torch.utils.data.random_split splits with a generator seeded `seed`."""
-    i = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n = len(y) - held_out
-    return (f[i[:n]], y[i[:n]]), (f[i[n:]], y[i[n:]])
 
 
 def probe_splits(name, feats):
@@ -191,7 +99,9 @@ def probe_splits(name, feats):
         if len(feats['train'][1]) < 2:
             fail(f'{name} has {len(feats["train"][1])} training image(s): too few to hold out a validation split')
         n_val = max(1, len(feats['train'][1]) * n_val // (n_train + n_val))
-        feats['train'], feats['val'] = random_split(*feats['train'], n_val, seed)
+        f, y = feats['train']
+        i = torch.utils.data.random_split(range(len(y)), [len(y) - n_val, n_val], torch.Generator().manual_seed(seed))
+        feats['train'], feats['val'] = ((f[s.indices], y[s.indices]) for s in i)
     return feats['train'], feats['val'], feats['test']
 
 
@@ -289,21 +199,13 @@ def few_shot(f, y, k, n, device, queries=16, chunk=100):
     return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std(correction=0).item() / math.sqrt(n)}
 
 
-def cca(x, y, ridge=1e-6):
-    """Canonical correlations of paired rows, largest first: singular values of Cxx^-1/2 Cxy Cyy^-1/2 (ridged)."""
-    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
-
+def cca(cov, k, ridge=1e-6):
+    """Canonical correlations, largest first, of x (the first k dimensions of a joint covariance) and y (the rest):
+    singular values of Cxx^-1/2 Cxy Cyy^-1/2 (ridged)."""
     def inv_sqrt(c):
         e, v = torch.linalg.eigh(c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype))
         return v @ torch.diag(e.rsqrt()) @ v.T
-    return torch.linalg.svdvals(inv_sqrt(x.T @ x) @ (x.T @ y) @ inv_sqrt(y.T @ y))
-
-
-def effective_rank(z):
-    """exp of the entropy of the normalised singular values of centred z: the number of dimensions in use."""
-    s = torch.linalg.svdvals(z.double() - z.double().mean(0))
-    p = s[s > 0] / s.sum()
-    return torch.exp(-(p * p.log()).sum()).item()
+    return torch.linalg.svdvals(inv_sqrt(cov[:k, :k]) @ cov[:k, k:] @ inv_sqrt(cov[k:, k:]))
 
 
 def equivariance(pred, target):
@@ -331,57 +233,72 @@ def fit_predictor(h0, h_v, a, epochs=10, seed=0):
     return predictor.eval()
 
 
-def view_features(net, ds, norm, device, stats, views, seed=0):
-    """Features h(x0) (N x d) of a data set's images, h(v) of `views` views of each (N x views x d), and their
-    standardised parameters a."""
-    images = torch.cat([x for x, _ in data.loader(ds, WORKERS)])
-    ds, h_v, a = data.Images(images, torch.zeros(len(images)), images.shape[-1]), [], []
-    for m in tqdm(range(views), desc='views', leave=False):
-        g, items = torch.Generator().manual_seed(hash((seed, m))), torch.arange(len(ds)).split(256)
-        crops = data.loader(ds, WORKERS, [[(i, hash((seed, m, i))) for i in b.tolist()] for b in items])
-        batches = ((data.augment(v[:, 0].to(device).float().div(255), p[:, 0].to(device), data.jitter_order(g)),
-                    p[:, 0]) for _, v, p in crops)  # the first view of each item, augmented on the device
-        f, p = train.encode(net, batches, norm, device)
-        h_v.append(f)
-        a.append((p - stats[0]) / stats[1])
-    return train.encode(net, data.loader(ds, WORKERS), norm, device)[0], torch.stack(h_v, 1), torch.stack(a, 1)
+@torch.no_grad()
+def view_features(net, ds, indices, norm, stats, device, views=16, chunk=16, seed=0):
+    """Batches (h(x0): B x d, h(v): B x views x d, standardised a: B x views x 11) of the images `indices` of ds,
+    `chunk` at a time, their views drawn as training draws them: items (i, key) of ds (Images) made in its workers,
+    augmented on the device with one colour order per view batch, standardised with the run's statistics."""
+    g, keys = torch.Generator().manual_seed(seed), range(views // 2)  # two views an item
+    batches = [[(i, hash((seed, i, k))) for i in b.tolist() for k in keys] for b in indices.split(chunk)]
+    for x0, v, p in tqdm(data.loader(ds, WORKERS, batches), 'views', len(batches), leave=False):
+        x0, v = x0[::len(keys)].to(device).float().div(255), v.to(device).float().div(255)
+        v = torch.stack([data.augment(v[:, j], p[:, j].to(device), data.jitter_order(g)) for j in (0, 1)], 1)
+        h = net(TF.normalize(torch.cat([x0, v.flatten(0, 1)]), *norm)).cpu()
+        yield h[:len(x0)], h[len(x0):].view(len(x0), views, -1), ((p - stats[0]) / stats[1]).view(len(x0), views, -1)
 
 
 @torch.no_grad()
-def model_analysis(model, h0, h_v, a):
-    """A model with an equivariant head, on test features: redundancy of z_inv and z_eq (CCA; of views; of unpaired
-    rows, the floor n images give; effective ranks), its own predictor's ranking, and each router's mean weights."""
-    z, views = model.eval().heads(h0), [model.heads(h) for h in tqdm(h_v.unbind(1), desc='model heads', leave=False)]
-    z1, z_eq = views[0], torch.stack([v['z_eq'] for v in views], 1)
-    z_hat = torch.stack([model.shift(z['z_eq'], a_m) for a_m in a.unbind(1)], 1)
-    corr = cca(z['z_inv'], z['z_eq'])
-    unpaired = z['z_eq'][torch.randperm(len(h0), generator=torch.Generator().manual_seed(0))]  # CCA's floor at this n
-    return {'cca': corr.mean().item(), 'cca_top10': corr[:10].mean().item(), **equivariance(z_hat, z_eq),
-            'cca_views': cca(z1['z_inv'], z1['z_eq']).mean().item(),
-            'cca_unpaired': cca(z['z_inv'], unpaired).mean().item(),
-            'erank_inv': effective_rank(z['z_inv']), 'erank_eq': effective_rank(z['z_eq']),
-            'routing_inv': z['s_inv'].mean(0).tolist(), 'routing_eq': z['s_eq'].mean(0).tolist()}
+def score(batches, predictor, model):
+    """Means over streamed test batches: the frozen predictor's ranking and, for a model with an equivariant head, its
+    own predictor's ranking, each router's weights, and the first two moments of z = [z_inv, z_eq], whose covariance
+    gives the CCA of the two embeddings."""
+    sums, n = {}, 0
+    for h0, h_v, a in batches:
+        b, m = h_v.shape[:2]
+        a = a.flatten(0, 1)
+        h_hat = predictor(h0.repeat_interleave(m, 0), a).view(b, m, -1)
+        means = {f'frozen_{k}': v for k, v in equivariance(h_hat, h_v).items()}
+        if model:
+            e, e_v = model.heads(h0), model.heads(h_v.flatten(0, 1))
+            z_hat = model.shift(e['z_eq'].repeat_interleave(m, 0), a).view(b, m, -1)
+            z = torch.cat([e['z_inv'], e['z_eq']], 1).double()
+            means |= equivariance(z_hat, e_v['z_eq'].view(b, m, -1))
+            means |= {'routing_inv': e['s_inv'].mean(0), 'routing_eq': e['s_eq'].mean(0), 'z': z.mean(0),
+                      'zz': z.T @ z / b}
+        sums = {k: sums.get(k, 0) + v * b for k, v in means.items()}
+        n += b
+    out = {k: v / n for k, v in sums.items()}
+    if not model:
+        return out
+    cov = out.pop('zz') - out['z'].outer(out.pop('z'))
+    return out | {'cca': cca(cov, EMBED).mean().item(), 'routing_inv': out['routing_inv'].tolist(),
+                  'routing_eq': out['routing_eq'].tolist()}
+
+
+def training_images(name, root, split, size):
+    """A labelled split as training reads images (Images): x0 resized as training resizes it, views from the files."""
+    split = data.labelled(name, root, split, size)
+    return data.Images(split.source, split.labels, size)
 
 
 def analyze(args, net, size, norm, ckpt, views=16):
-    """Equivariance of any encoder's frozen features: a predictor fitted on train ranks each test view among `views`
-    views of its image; model_analysis for train.py checkpoints with an equivariant head."""
+    """Equivariance of any encoder's frozen features: a predictor fitted on a seeded sample of SAMPLE training images
+    ranks each test view among `views` views of its image; `score` streams the test split. Views come from the files
+    as training's do, standardised with the run's statistics (computed from the data as training would if the
+    checkpoint has none)."""
     run, model = ckpt.get('args', {}), None
     if run.get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
-        model = STAR(run['arch'], run['heads'], run['experts'])
-        train.load_weights(model, ckpt['model'], args.ckpt)
-    net, stats = net.to(args.device), data.param_stats(torch.tensor([[size, size]]))
-    (h0, h_v, a), (t0, t_v, t_a) = (view_features(net, load_split(args.dataset, args.data_dir, split, size), norm,
-                                                  args.device, stats, views) for split in ('train', 'test'))
-    out = {'views': views, 'chance_mrr': sum(1 / k for k in range(1, views + 1)) / views}
+        model = STAR(run['arch'], run['heads'], run['experts']).eval()
+        load_weights(model, ckpt['model'], args.ckpt)
+    train_ds, test_ds = (training_images(args.dataset, args.data_dir, s, size) for s in ('train', 'test'))
+    stats = ckpt['stats'] if 'stats' in ckpt else data.param_stats(data.image_sizes(train_ds))
+    net, g = net.to(args.device).eval(), torch.Generator().manual_seed(0)
+    sample = torch.randperm(len(train_ds), generator=g)[:SAMPLE]
+    h0, h_v, a = (torch.cat(t) for t in zip(*view_features(net, train_ds, sample, norm, stats, args.device, views)))
     predictor = fit_predictor(h0, h_v, a)
-    with torch.no_grad():
-        t_hat = torch.stack([predictor(t0, a_m) for a_m in t_a.unbind(1)], 1)
-    out |= {f'frozen_{k}': v for k, v in equivariance(t_hat, t_v).items()}
-    if model and len(t0) < 10 * 2 * EMBED:
-        out['note'] = (f'{len(t0)} test images are too few for a CCA of 2 x {EMBED} dimensions (want 10 times as '
-                       f'many): compare cca with cca_unpaired, its floor at this number of images')
-    return out | (model_analysis(model, t0, t_v, t_a) if model else {})
+    test = view_features(net, test_ds, torch.randperm(len(test_ds), generator=g), norm, stats, args.device, views)
+    out = {'views': views, 'sample': len(sample)}
+    return out | score(test, predictor, model)
 
 
 def rank(value, values):
@@ -409,32 +326,29 @@ def table(task, rows):
 
 
 def summary(path):
-    """One table per task of the latest result per (checkpoint hash, task, data set, metric)."""
+    """One table per task of the latest result per row (a checkpoint, named with its hash) and column."""
     if not os.path.isfile(path):
         fail(f'no results file at {path}; run eval_linear.py on a checkpoint first, or give --results FILE')
-    latest, bad = {}, 0
+    tables, bad = {}, 0
     with open(path, errors='replace') as f:
         for line in f:
             try:
-                latest |= cell(json.loads(line))
+                for (task, name, column), value in cells(json.loads(line)).items():
+                    tables.setdefault(task, {}).setdefault(name, {})[column] = value
             except (ValueError, KeyError, TypeError, AttributeError):
                 bad += 1
-    tables = {}
-    for (_, task, name, column), value in latest.items():
-        tables.setdefault(task, {}).setdefault(name, {})[column] = value
     skipped = [f'skipped {bad} unreadable lines of {path}'] if bad else []
     if not tables:
         fail(f'no readable results in {path}{" (" + skipped[0] + ")" if bad else ""}; run eval_linear.py first')
     return '\n\n'.join([table(task, rows) for task, rows in tables.items()] + skipped)
 
 
-def cell(r):
-    """{(checkpoint hash, task, row name, column): value} of one result; a probe's column is (data set, metric)."""
+def cells(r):
+    """{(task, row, column): value} of one result; a probe's column is its data set and metric."""
     if r['task'] == 'analysis':
-        return {(r['ckpt_sha256'], 'analysis', f'{r["name"]} on {r["dataset"]}', k): float(r[k])
-                for k in ANALYSIS_COLUMNS if k in r}
+        return {('analysis', f'{r["name"]} on {r["dataset"]}', k): float(r[k]) for k in ANALYSIS_COLUMNS if k in r}
     column = f'{r["dataset"]}/{"mpc" if r.get("metric") == "mean-per-class" else "top1"}'
-    return {(r['ckpt_sha256'], r['task'], r['name'], column): 100 * float(r['accuracy'])}
+    return {(r['task'], r['name'], column): 100 * float(r['accuracy'])}
 
 
 def readable(r):
@@ -448,9 +362,10 @@ def main(argv=None):
     args = get_args(argv)
     if args.summary:
         return print(summary(args.results))
-    net, size, norm, ckpt = load_encoder(args.ckpt, args.pretrain_data)
+    net, size, norm, ckpt = load_encoder(args.ckpt)
     path = os.path.realpath(args.ckpt)
-    digest = sha256(path)
+    with open(path, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
     result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
               'dataset': args.dataset, 'image_size': size, 'norm': norm}
     if args.analyze:
@@ -460,7 +375,7 @@ def main(argv=None):
         result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),
                    **few_shot(f, y, args.few_shot, args.episodes, args.device)}
     else:
-        metric = args.metric or ('mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1')
+        metric = 'mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1'
         feats = features(args, net, size, norm)
         result |= {'task': 'linear', 'metric': metric,
                    **linear_probe(feats, args.dataset, metric == 'mean-per-class', args.device)}

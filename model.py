@@ -1,7 +1,13 @@
-"""The method's modules: encoder f, experts E_k, soft task-aware routers, head variants, psi and phi."""
+"""The method's modules: encoder f, experts E_k, soft task-aware routers, head variants, psi and phi; reading the
+checkpoints that hold them and restoring an encoder from any layout read."""
+import os
+import pickle
+
 import torch
 import torch.nn as nn
 import torchvision
+
+from data import PRETRAIN, fail
 
 EMBED = 128  # the embedding size of every head
 N_PARAMS = 11  # the augmentation parameter vector a (data.FIELDS)
@@ -112,3 +118,60 @@ class STAR(nn.Module):
         if self.equivariant:
             out |= {'z0': z0, 'z_eq': (e1['z_eq'], e2['z_eq']), 'z_hat': (self.shift(z0, a1), self.shift(z0, a2))}
         return out
+
+
+# ---- checkpoints
+
+def save(obj, path):
+    """Write atomically: a temporary file, then a rename, so a crash or a full disk never leaves a half-written file."""
+    try:
+        torch.save(obj, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    except (OSError, RuntimeError) as e:  # torch raises RuntimeError('... file write failed') where the disk is full
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        fail(f'cannot write {path}: the disk is full or failing ({type(e).__name__}); what was there before is kept')
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f'no checkpoint at {path}; check the path (train.py writes OUT_DIR/ckpt.pt)')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # 'Unsupported global': torch read the file, but it names code to run
+        fail(f'{path} holds pickled objects, not only weights (a whole model?): save its state_dict() instead'
+             if 'Unsupported global' in str(e) else f'{path} is not a torch file (a checkpoint saved by torch.save)')
+    except Exception as e:
+        fail(f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
+    if not isinstance(ckpt, dict):
+        fail(f'{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of weights)')
+    return ckpt
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), or one line when the checkpoint's weights do not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError):
+        fail(f'the weights in {path} do not fit this model (another architecture, heads or version of this code)')
+
+
+def load_encoder(path):
+    """(encoder, image size, normalisation, checkpoint) from any layout read. An encoder that records no image size
+    and normalisation takes those of the paper's pretraining of its architecture: STL-10 for a ResNet-18, ImageNet-100
+    for a ResNet-50."""
+    ckpt = load_checkpoint(path)
+    state, size, norm = ckpt.get('backbone', ckpt), ckpt.get('image_size'), ckpt.get('norm')
+    if 'model' in ckpt and 'args' in ckpt:  # train.py's ckpt.pt
+        size = ckpt['args']['image_size']
+        state = {k.removeprefix('encoder.'): v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
+    state = {k.removeprefix('module.'): v for k, v in state.items() if not k.startswith('fc.')}
+    arch = 'resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18'
+    net, _ = encoder(arch)
+    load_weights(net, state, path)
+    if not size:
+        pretrained = 'imagenet100' if arch == 'resnet50' else 'stl10'
+        size, norm = PRETRAIN[pretrained]
+        print(f'{path} records no image size: probed as a {arch} pretrained on {pretrained}, at {size} px (an '
+              f'encoder.pt {{"backbone": ..., "image_size": ..., "norm": ...}} records its own)')
+    return net, size, norm, ckpt

@@ -1,11 +1,10 @@
 """STAR pretraining. The paper's STL-10 recipe is the default: python train.py --dataset stl10
 On G devices (DDP, SyncBatchNorm, negatives from all processes): torchrun --nproc_per_node=G train.py ..."""
-import argparse
 import datetime
+import fcntl
 import json
 import math
 import os
-import pickle
 import re
 import time
 
@@ -18,41 +17,33 @@ from tqdm import tqdm
 import data
 from data import fail
 from losses import gather, nt_xent
-from model import STAR
+from model import STAR, load_checkpoint, load_weights, save
 
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
 RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'precision', 'eval_interval', 'save_every',
              'workers', 'resume', 'overwrite')
-OLDER = {'jitter': 'official'}  # flags a checkpoint may lack or hold that this code no longer has, and their value
-RUN_FILES = re.compile(r'(ckpt|encoder(-\d+)?)\.pt(\.tmp)?|encoder\.json|log\.jsonl|views\.png')  # what a run writes
-
-
-class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's lines and shows each flag's default."""
+RUN_FILES = re.compile(r'(ckpt|encoder(-\d+)?)\.pt(\.tmp)?|log\.jsonl|views\.png')  # what a run writes
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument('--dataset', choices=['stl10', 'imagenet100', 'folder'], default='stl10', help='stl10: STL-10 '
-                   'train+unlabeled (105k images, downloaded into --data-dir when online); imagenet100: the 100 '
-                   'classes of train/; folder: every image below --data-dir, or below its train/ if it has one')
-    p.add_argument('--data-dir', default='data', help='holds stl10_binary/ for stl10; the ImageNet root (train/ and '
-                   'val/ of class-id folders) for imagenet100; the image folder for folder')
+    p = data.parser(__doc__)
+    p.add_argument('--dataset', choices=['stl10', 'imagenet100', 'folder'], default='stl10', help='stl10: '
+                   'train+unlabeled (105k images, downloaded when online); imagenet100: 100 classes of train/; folder')
+    p.add_argument('--data-dir', default='data', help='holds stl10_binary/; or an ImageNet root (train/, val/ of '
+                   'class-id folders); or the images, all below it or below its train/')
     p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt, log.jsonl, views.png')
     p.add_argument('--arch', choices=['resnet18', 'resnet50'], default='resnet18', help='torchvision encoder')
-    p.add_argument('--heads', choices=['star', 'shared', 'separate'], default='star', help='star: N soft-routed '
-                   'experts; shared: STAR-SS (E_inv + E_sh, E_eq + E_sh); separate: EquiMod-style')
+    p.add_argument('--heads', choices=['star', 'shared', 'separate', 'simclr'], default='star', help='star: N soft-'
+                   'routed experts; shared: STAR-SS; separate: EquiMod-style; simclr: one head, no equivariant task')
     p.add_argument('--experts', type=int, help='number of experts N of --heads star (16 if not given)')
-    p.add_argument('--eq-weight', type=float, default=1.0, help='lambda in L = L_inv + lambda L_eq; 0 is the SimCLR '
-                   'baseline: one head, no x0 pass, no psi/phi')
+    p.add_argument('--eq-weight', type=float, help='lambda in L = L_inv + lambda L_eq (1 if not given)')
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
     p.add_argument('--epochs', type=int, default=200, help='epochs; the cosine schedule spans all of them')
     p.add_argument('--save-every', type=int, default=10, help='keep encoder-EPOCH.pt every this many epochs; 0: never')
     p.add_argument('--batch-size', type=int, default=256, help='global batch, split over the processes')
     p.add_argument('--lr', type=float, default=0.03, help='SGD learning rate per 256 images (lr * batch / 256 is used)')
     p.add_argument('--wd', type=float, default=5e-4, help='weight decay on all parameters')
-    p.add_argument('--image-size', type=int, default=96, help='side of x0 and of the views (stl10: the images are '
-                   'resized once at load to it); 224 for imagenet100')
+    p.add_argument('--image-size', type=int, help='side of x0 and the views (if not given: 96 for stl10, else 224)')
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='DataLoader processes per '
                    'training process that read, decode and crop the images; 0: in the training process')
     p.add_argument('--seed', type=int, default=0, help='initialisation, sample order and every augmentation follow it')
@@ -61,43 +52,27 @@ def get_args(argv=None):
                    "autocast of the forward pass, faster on recent GPUs")
     p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs, train -> test '
                    '(stl10) or val (imagenet100); 0: never')
-    p.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
-    p.add_argument('--overwrite', action='store_true', help='start afresh in an --out-dir that holds a run')
+    run = p.add_mutually_exclusive_group()
+    run.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
+    run.add_argument('--overwrite', action='store_true', help='start afresh in an --out-dir that holds a run')
     args = p.parse_args(argv)
-    if args.resume and args.overwrite:
-        fail('--resume continues the run in --out-dir, --overwrite replaces it: give one of them')
-    if args.experts is not None and (args.heads != 'star' or args.eq_weight == 0):
-        why = f'--heads {args.heads} has fixed experts' if args.eq_weight else '--eq-weight 0 (SimCLR) has one head'
-        fail(f'--experts sets N for --heads star; {why} (drop --experts)')
+    if args.experts is not None and args.heads != 'star':
+        fail(f'--experts sets N for --heads star; --heads {args.heads} has fixed experts (drop --experts)')
+    if args.eq_weight is not None and args.heads == 'simclr':
+        fail('--eq-weight weighs L_eq, which --heads simclr does not have (drop --eq-weight)')
     data_dir = os.path.realpath(args.data_dir)
     if args.dataset == 'folder' and os.path.commonpath([os.path.realpath(args.out_dir), data_dir]) == data_dir:
         fail(f'--out-dir {args.out_dir} is inside --data-dir: its files would become training images; move it out')
-    args.heads = 'simclr' if args.eq_weight == 0 else args.heads  # one head, no equivariant task
     args.experts = (16 if args.experts is None else args.experts) if args.heads == 'star' else None
+    if args.image_size is None:
+        args.image_size = 96 if args.dataset == 'stl10' else 224
+    args.eq_weight = (1.0 if args.eq_weight is None else args.eq_weight) if args.heads != 'simclr' else 0.0
     inf = math.inf
-    require(args, {'batch_size': (2, inf), 'experts': (2, inf), 'image_size': (32, 1024), 'epochs': (1, inf),
+    data.require(args, {'batch_size': (2, inf), 'experts': (2, inf), 'image_size': (32, 1024), 'epochs': (1, inf),
                    'save_every': (0, inf), 'eval_interval': (0, inf), 'workers': (0, 256), 'eq_weight': (0, inf),
                    'wd': (0, inf), 'seed': (0, 2 ** 63 - 1), 'lr': (0, inf), 'tau': (0, inf)}, above=('lr', 'tau'))
-    check_device(args.device)
+    data.check_device(args.device)
     return args
-
-
-def require(args, bounds, above=()):
-    """One line and exit 1 unless every flag's value is finite and within its bounds (low, high): at least low (above
-    it for the flags in `above`) and at most high."""
-    for name, (low, high) in bounds.items():
-        value, strict = getattr(args, name), name in above
-        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low) and
-                                      value <= high):
-            fail(f'--{name.replace("_", "-")} must be {"above" if strict else "at least"} {low}'
-                 f'{f" and at most {high}" if high < math.inf else ""} (got {value})')
-
-
-def check_device(name):
-    if not re.fullmatch(r'cpu|cuda(:\d+)?', name):
-        fail(f'--device {name}: expected cpu, cuda or cuda:N')
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        fail(f'--device {name}: CUDA is not available here; use --device cpu')
 
 
 class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -113,20 +88,6 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return shard(super().forward(gather(x)), dist.get_rank(), dist.get_world_size())
 
 
-@torch.no_grad()
-def encode(encoder, batches, norm, device):
-    """Pooled features (eval mode, float32, on the CPU) of batches of images (uint8, or float in [0, 1]) as they come,
-    with what accompanies each batch (labels) concatenated."""
-    encoder.eval()
-    feats, extra = [], []
-    for x, y in tqdm(batches, desc='encoding', leave=False):
-        x = x.to(device)
-        x = x.float().div(255) if x.dtype == torch.uint8 else x
-        feats.append(encoder(data.normalize(x, norm)).cpu())
-        extra.append(y)
-    return torch.cat(feats), torch.cat(extra)
-
-
 def knn_top1(train, test):
     """1-nearest-neighbour accuracy with cosine similarity, of (features, labels) of the two splits."""
     (train, train_y), (test, test_y) = ((F.normalize(f, dim=1), y) for f, y in (train, test))
@@ -137,13 +98,10 @@ def knn_top1(train, test):
 def objective(net, batch, order, run, args):
     """L_inv and L_eq of one batch of training items (L_eq = 0 for SimCLR), and the forward pass's named parts."""
     views = data.make_views(*(t.to(run['device']) for t in batch), order, run['norm'], run['stats'])
-    if views[0].is_cuda:
-        views = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in views]
     with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
         out = net(*views)
-    tau = args.tau
-    l_inv = nt_xent(*out['z_inv'], tau)
-    l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), tau) if 'z_eq' in out else l_inv.new_zeros(())
+    l_inv = nt_xent(*out['z_inv'], args.tau)
+    l_eq = nt_xent(torch.cat(out['z_eq']), torch.cat(out['z_hat']), args.tau) if 'z_eq' in out else l_inv.new_zeros(())
     return l_inv, l_eq, out
 
 
@@ -156,39 +114,6 @@ def shard(x, rank, world):
     """This process's contiguous share of a global batch."""
     b = len(x) // world
     return x[rank * b:(rank + 1) * b]
-
-
-def save(obj, path):
-    """Write atomically: a temporary file, then a rename, so a crash never leaves a half-written file."""
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-LAYOUTS = "train.py's ckpt.pt, a ResNet state dict (encoder.pt) or {'backbone': ResNet state dict}"
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f'no checkpoint at {path}; check the path (train.py writes OUT_DIR/ckpt.pt)')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        fail(f'{path} holds pickled objects, not only weights (a whole model?); save its state_dict(): the layouts '
-             f'read are {LAYOUTS}')
-    except Exception as e:
-        fail(f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
-    if not isinstance(ckpt, dict):
-        fail(f'{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of weights)')
-    return ckpt
-
-
-def load_weights(module, state, path):
-    """module.load_state_dict(state), or one line when the checkpoint's weights do not fit the module."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError):
-        fail(f'the weights in {path} do not fit this model (another architecture, heads or version of this code); the '
-             f'layouts read are {LAYOUTS}')
 
 
 def start_processes(args):
@@ -210,19 +135,17 @@ def open_run(args, rank):
     resume refuses changed flags other than RESUMABLE ones, whose changes it prints."""
     path, files = os.path.join(args.out_dir, 'ckpt.pt'), run_files(args.out_dir)
     if files and not (args.resume or args.overwrite):
-        fail(f'{args.out_dir} holds a run ({", ".join(files)}): continue it with --resume or replace it with '
-             f'--overwrite')
+        fail(f'{args.out_dir} holds a run ({", ".join(files)}): continue it (--resume) or replace it (--overwrite)')
     if not args.resume:
         return None
     if not os.path.exists(path):
-        fail(f'nothing to resume: {args.out_dir} has no ckpt.pt (no epoch ended, or it was deleted); start afresh '
-             f'with --overwrite')
+        fail(f'nothing to resume: {args.out_dir} has no ckpt.pt (no epoch ended); start afresh with --overwrite')
     ckpt = load_checkpoint(path)
     if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
-    trained = {**OLDER, **ckpt['args']}
-    changed = {k: (trained.get(k), v) for k, v in {**OLDER, **vars(args)}.items()}
-    changed = {k: (a, b) for k, (a, b) in changed.items() if a != b}
+    trained, here = ckpt['args'], vars(args)
+    changed = {k: (trained.get(k), here.get(k)) for k in sorted(trained.keys() | here.keys())
+               if trained.get(k) != here.get(k)}
     refused = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
     if refused:
         fail(f'--resume: {path} was trained with other flags ({refused}); pass its flags or use --overwrite')
@@ -232,14 +155,22 @@ def open_run(args, rank):
     return ckpt
 
 
-def writable(folder, flag):
-    """Make `folder`, or end in one line if it cannot be written to."""
+def own(out_dir):
+    """Make --out-dir and hold the lock of its .lock file while this process lives (the system releases it however
+    the process ends, and DataLoader workers do not inherit it): a second train.py on the folder ends in one line."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(13, 'permission denied')
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, '.lock'), 'a+')  # the test of a writable folder, as a run will write there
     except OSError as e:
-        fail(f'cannot write to {flag} {folder} ({e.strerror}); choose a writable folder')
+        fail(f'cannot write to --out-dir {out_dir} ({e.strerror}); choose a writable folder')
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f'{out_dir} is in use by another train.py that is still running (pid {open(lock.name).read().strip()}); '
+             f'wait for it to end, or choose another --out-dir')
+    lock.truncate(0)
+    print(os.getpid(), file=lock, flush=True)
+    return lock
 
 
 def run_files(out_dir):
@@ -247,27 +178,25 @@ def run_files(out_dir):
 
 
 def load_data(args):
-    """The pretraining images (Images), their normalisation, sizes (k x 2) for the parameter statistics, and the
-    labelled (train, test) Images of the 1-NN monitor (or None)."""
+    """The pretraining images (Images), their normalisation, and the labelled (train, test) splits of the 1-NN monitor
+    (None for a folder)."""
     size, rank = args.image_size, int(os.environ.get('RANK', 0))
+    splits = [] if args.dataset == 'folder' else ['train', 'test']
+    monitor = [data.labelled(args.dataset, args.data_dir, s, size) for s in splits] or None
     if args.dataset == 'stl10':
-        images, labels = data.stl10(args.data_dir, 'train+unlabeled', size)
-        monitor = [data.Images(images[labels >= 0], labels[labels >= 0], size),
-                   data.Images(*data.stl10(args.data_dir, 'test', size), size)]
-        return data.Images(images, labels, size), data.STL10_NORM, torch.tensor([[size, size]]), monitor
+        return data.Images(*data.stl10(args.data_dir, 'train+unlabeled', size), size), data.STL10_NORM, monitor
     if args.dataset == 'imagenet100':
         paths, labels = data.imagenet100(args.data_dir, 'train')
-        monitor = [data.Images(paths, labels, size), data.Images(*data.imagenet100(args.data_dir, 'val'), size)]
     else:
         root = os.path.join(args.data_dir, 'train')
         root = root if os.path.isdir(root) else args.data_dir
         if root != args.data_dir and rank == 0:
             print(f'pretraining on {root} only: {args.data_dir} holds other splits beside it')
-        paths, monitor = data.list_images(root), None
+        paths = data.list_images(root)
         if not paths:
             fail(f'no images ({", ".join(data.EXTENSIONS)}) below {root}; point --data-dir at a folder of images')
         labels = torch.full((len(paths),), -1)
-    return data.Images(paths, labels, size), data.IMAGENET_NORM, data.image_sizes(paths), monitor
+    return data.Images(paths, labels, size), data.IMAGENET_NORM, monitor
 
 
 def steps(n, args, start, rank, world):
@@ -275,25 +204,24 @@ def steps(n, args, start, rank, world):
     a permutation drawn from (seed, epoch), each image's views keyed by (seed, epoch, its place in the permutation).
     Views thus differ from epoch to epoch, and a resumed run, or one over more processes, draws those of an
     uninterrupted one."""
-    batch, share = args.batch_size, args.batch_size // world
     for epoch in range(start, args.epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(hash((args.seed, epoch)))).tolist()
-        for step in range(n // batch):
-            slots = range(step * batch + rank * share, step * batch + (rank + 1) * share)
+        for step in range(n // args.batch_size):
+            slots = shard(range(step * args.batch_size, (step + 1) * args.batch_size), rank, world)
             yield [(perm[s], hash((args.seed, epoch, s))) for s in slots]
 
 
 def step_orders(args, epoch, step):
-    """The colour orders (2 x 4) of a step's two view batches, a function of (seed, epoch, step)."""
-    g = torch.Generator().manual_seed(hash((args.seed, epoch, step)))
+    """The colour orders (2 x 4) of a step's two view batches, a function of (seed, epoch, step): a key of four numbers,
+    so no view of the epoch (keyed by three) shares its stream."""
+    g = torch.Generator().manual_seed(hash((args.seed, epoch, step, 0)))
     return torch.stack([data.jitter_order(g) for _ in range(2)])
 
 
 def stop(what, epoch, flag):
     """End a run that blew up, saying what is kept: the checkpoint of the last epoch, saved before this one."""
-    fail(f'{what}; ' + (f'ckpt.pt keeps epoch {epoch}, nothing of this one: --resume with a lower {flag}, or start '
-                        f'afresh with --overwrite if it fails again' if epoch else
-                        f'no epoch was saved: start afresh with --overwrite and a lower {flag}'))
+    fail(f'{what}; ' + (f'ckpt.pt keeps epoch {epoch}, nothing of this one: --resume with a lower {flag}' if epoch
+                        else f'no epoch was saved: start afresh with --overwrite and a lower {flag}'))
 
 
 def train_epoch(net, opt, batches, epoch, args, run):
@@ -316,7 +244,8 @@ def train_epoch(net, opt, batches, epoch, args, run):
         if not terms.isfinite().all():
             names = ['L_inv', 'L_eq', f'L_inv + {args.eq_weight:g} L_eq']
             bad = ', '.join(f'{n} {v:.4g}' for n, v in zip(names, terms.tolist()) if not math.isfinite(v))
-            flag = '--eq-weight' if terms[:2].isfinite().all() else '--lr'
+            lower = '--lr or --eq-weight' if args.eq_weight > 1 else '--lr'
+            flag = '--eq-weight' if terms[:2].isfinite().all() else lower
             stop(f'non-finite loss at epoch {epoch + 1} step {step + 1} ({bad})', epoch, flag)
         # update
         opt.zero_grad(set_to_none=True)
@@ -332,8 +261,8 @@ def train_epoch(net, opt, batches, epoch, args, run):
 def main(argv=None):
     args = get_args(argv)
     world, rank, device = start_processes(args)
+    lock = own(args.out_dir) if rank == 0 else None
     ckpt = open_run(args, rank)
-    writable(args.out_dir, '--out-dir')
     try:
         pretrain(args, ckpt, world, rank, device)
     except KeyboardInterrupt:
@@ -342,18 +271,21 @@ def main(argv=None):
     finally:
         if world > 1:
             dist.destroy_process_group()
+        if lock:
+            lock.close()
 
 
 def pretrain(args, ckpt, world, rank, device):
     start, history = (ckpt['epoch'], ckpt['log']) if ckpt else (0, [])
     if start >= args.epochs:
         return print(f'{args.out_dir}: the run is finished ({start} of {args.epochs} epochs); raise --epochs to go on')
-    images, norm, sizes, monitor = load_data(args)
+    images, norm, monitor = load_data(args)
     per_epoch = len(images) // args.batch_size
     if per_epoch == 0:
         fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
-    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': data.param_stats(sizes),
-           'steps': per_epoch}
+    # the statistics that standardise a: a resumed run keeps those it started with, whatever --data-dir holds now
+    stats = ckpt['stats'] if ckpt and 'stats' in ckpt else data.param_stats(data.image_sizes(images))
+    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': stats, 'steps': per_epoch}
 
     # model, optimiser, and the state to resume from
     torch.manual_seed(args.seed)
@@ -368,58 +300,60 @@ def pretrain(args, ckpt, world, rank, device):
     net = DistributedDataParallel(model) if world > 1 else model
     batches = iter(data.loader(images, args.workers, steps(len(images), args, start, rank, world)))
     if rank == 0:
-        prepare_out_dir(args, history, images, norm)
+        prepare_out_dir(args, images)
         what = f'resuming from epoch {start} of {args.epochs}' if ckpt else f'starting a run of {args.epochs} epochs'
-        print(f'{what}: {args.dataset}, {len(images)} images, {per_epoch} steps of {args.batch_size} per epoch, '
-              f'{device} ({args.precision}), {world} process(es), writing to {args.out_dir}')
+        print(f'{what}: {args.dataset}, {len(images)} images of {args.image_size} px, {per_epoch} steps of '
+              f'{args.batch_size} per epoch, {device} ({args.precision}), {world} process(es), into {args.out_dir}')
 
     t_start = time.time()
     for epoch in range(start, args.epochs):
         model.train()
         t0 = time.time()
         log = {'epoch': epoch + 1, **train_epoch(net, opt, batches, epoch, args, run)}
+        check_weights(model, epoch + 1)  # in every process, so that all stop together
         if rank > 0:
             continue
         log['images_per_s'] = per_epoch * args.batch_size / (time.time() - t0)
         if monitor and args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs):
-            log['knn_top1'] = knn_top1(*(encode(model.encoder, data.loader(ds, args.workers), norm, device)
+            log['knn_top1'] = knn_top1(*(data.encode(model.encoder, data.loader(ds, args.workers), norm, device)
                                          for ds in monitor))
         eta = (time.time() - t_start) / (epoch + 1 - start) * (args.epochs - epoch - 1)
         print(f'epoch {epoch + 1}/{args.epochs}  L_inv {log["loss_inv"]:.4f}  L_eq {log["loss_eq"]:.4f}  '
               f'lr {log["lr"]:.4g}  {log["images_per_s"]:.0f} img/s  ETA {datetime.timedelta(seconds=round(eta))}'
               + (f'  1-NN {100 * log["knn_top1"]:.2f}%' if 'knn_top1' in log else ''))
         history.append(log)
-        save_epoch(model, opt, history, args, norm)
+        save_epoch(model, opt, history, args, run)
 
 
-def prepare_out_dir(args, history, images, norm):
+def prepare_out_dir(args, images):
     """Before the first step: --overwrite removes every file of the run it replaces (only now, so a run that cannot
-    start loses nothing); the log of the checkpoint's epochs (later lines are redone); encoder.json, the image size
-    and normalisation eval_linear.py probes encoder*.pt with; views.png."""
+    start loses nothing); views.png."""
     removed = run_files(args.out_dir) if args.overwrite else []
     for f in removed:
         os.remove(os.path.join(args.out_dir, f))
     if removed:
         print(f'--overwrite: removed {", ".join(removed)} of the run in {args.out_dir}')
-    with open(os.path.join(args.out_dir, 'log.jsonl'), 'w') as f:
-        f.writelines(json.dumps(e) + '\n' for e in history)
-    with open(os.path.join(args.out_dir, 'encoder.json'), 'w') as f:
-        json.dump({'arch': args.arch, 'image_size': args.image_size, 'norm': norm}, f)
     data.show_views(images, os.path.join(args.out_dir, 'views.png'))
 
 
-def save_epoch(model, opt, history, args, norm):
-    """The epoch's log line, encoder.pt (and encoder-EPOCH.pt every --save-every epochs), then ckpt.pt."""
-    epoch, encoder = history[-1]['epoch'], model.encoder.state_dict()
+def check_weights(model, epoch):
+    """Stop if the weights (the same in every process) are not finite: they are never saved."""
     if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
         stop(f'the weights are not finite after epoch {epoch}', epoch - 1, '--lr')
-    with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(history[-1]) + '\n')
+
+
+def save_epoch(model, opt, history, args, run):
+    """ckpt.pt, then what derives from it: encoder.pt (and encoder-EPOCH.pt every --save-every epochs) in the
+    authors' layout with the image size and normalisation to probe it with, and log.jsonl, a line per epoch."""
+    epoch = history[-1]['epoch']
+    save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch, 'args': vars(args),
+          'norm': run['norm'], 'stats': run['stats'], 'log': history}, os.path.join(args.out_dir, 'ckpt.pt'))
+    encoder = {'backbone': model.encoder.state_dict(), 'image_size': args.image_size, 'norm': run['norm']}
     save(encoder, os.path.join(args.out_dir, 'encoder.pt'))
     if args.save_every and epoch % args.save_every == 0:  # as the authors' ckpt-{epoch}.pth
         save(encoder, os.path.join(args.out_dir, f'encoder-{epoch}.pt'))
-    save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': epoch, 'args': vars(args),
-          'norm': norm, 'log': history}, os.path.join(args.out_dir, 'ckpt.pt'))
+    with open(os.path.join(args.out_dir, 'log.jsonl'), 'w') as f:
+        f.writelines(json.dumps(e) + '\n' for e in history)
 
 
 if __name__ == '__main__':
