@@ -80,6 +80,21 @@ def run(*args, **kw):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600, **kw)
 
 
+def fails(module, argv):
+    """The one line that train.py or eval_linear.py (`module`) run with `argv` in this process ends with, exit 1."""
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code not in (0, None) and str(e.value).startswith('error: ') and '\n' not in str(e.value)
+    return str(e.value)
+
+
+def copy_of(trained, tmp_path):
+    """A copy of the module's finished one-epoch run, to change without training it again."""
+    out = str(tmp_path / 'run')
+    shutil.copytree(os.path.dirname(trained), out)
+    return out
+
+
 def tiny_train_flags(root, out, *extra):
     return ['train.py', '--data-dir', root, '--out-dir', out, '--batch-size', '16', '--experts', '4',
             '--image-size', '32', '--eval-interval', '1', *extra]
@@ -765,9 +780,7 @@ def test_everyday_mistake_ends_with_one_line_and_changes_nothing(stl, trained, t
         common = ['eval_linear.py', '--ckpt', os.path.join(run_dir, 'ckpt.pt'), '--data-dir', stl_dir,
                   '--results', str(tmp_path / 'results.jsonl')]
     before = snapshot(run_dir) | snapshot(stl_dir)
-    proc = run(*common, *command[1:])
-    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
-    assert proc.stderr.strip().count('\n') == 0, proc.stderr
+    assert message in fails(train if command[0] == 'train.py' else ev, [*common[1:], *command[1:]])
     assert snapshot(run_dir) | snapshot(stl_dir) == before
 
 
@@ -823,9 +836,8 @@ def poison_running_variance(out):
     return open(path, 'rb').read()
 
 
-def test_weights_that_are_not_finite_are_never_saved(stl, tmp_path):
-    out = str(tmp_path / 'run')
-    assert run(*tiny_train_flags(stl[0], out, '--epochs', '1', '--eval-interval', '0')).returncode == 0
+def test_weights_that_are_not_finite_are_never_saved(stl, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
     before = poison_running_variance(out)
     proc = run(*tiny_train_flags(stl[0], out, '--epochs', '2', '--eval-interval', '0', '--resume'))
     assert proc.returncode == 1 and 'the weights are not finite after epoch 2; ckpt.pt keeps epoch 1' in proc.stderr
@@ -849,28 +861,23 @@ def test_non_finite_loss_names_the_term_that_blew_up(stl, tmp_path):
 ])
 def test_bad_input_ends_with_one_clear_line(stl, tmp_path, flags, message):
     root, _ = stl
-    proc = run('train.py', '--data-dir', root, '--epochs', '1', *[f.format(tmp=tmp_path) for f in flags])
-    assert proc.returncode == 1 and message in proc.stderr
-    assert proc.stderr.strip().count('\n') == 0, proc.stderr  # one line, no traceback
+    argv = ['--data-dir', root, '--out-dir', str(tmp_path / 'run'), '--epochs', '1']  # flags given later win
+    assert message in fails(train, [*argv, *[f.format(tmp=tmp_path) for f in flags]])  # one line, no traceback
 
 
-def test_resume_refuses_another_model(stl, tmp_path):
-    root, _ = stl
-    out = str(tmp_path / 'run')
-    assert run(*tiny_train_flags(root, out, '--epochs', '1', '--eval-interval', '0')).returncode == 0
-    separate = [f for f in tiny_train_flags(root, out, '--epochs', '2', '--resume', '--heads', 'separate')]
+def test_resume_refuses_another_model(stl, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    separate = [f for f in tiny_train_flags(stl[0], out, '--epochs', '2', '--resume', '--heads', 'separate')]
     separate[separate.index('--experts'):separate.index('--experts') + 2] = []  # fixed heads take no --experts
     other = run(*separate)
     assert other.returncode == 1 and 'heads: star there, separate here' in other.stderr
 
 
-def test_resume_refuses_a_corrupt_checkpoint(stl, tmp_path):
-    root, _ = stl
-    out = str(tmp_path / 'run')
-    assert run(*tiny_train_flags(root, out, '--epochs', '1', '--eval-interval', '0')).returncode == 0
+def test_resume_refuses_a_corrupt_checkpoint(stl, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
     with open(os.path.join(out, 'ckpt.pt'), 'r+b') as f:
         f.truncate(1000)
-    corrupt = run(*tiny_train_flags(root, out, '--epochs', '2', '--resume'))
+    corrupt = run(*tiny_train_flags(stl[0], out, '--epochs', '2', '--resume'))
     assert corrupt.returncode == 1 and 'not a readable checkpoint' in corrupt.stderr
     assert corrupt.stderr.strip().count('\n') == 0
 
@@ -1294,11 +1301,12 @@ def test_summary_keeps_a_column_per_data_set_and_metric(tmp_path):
     assert table[0].split()[1:3] == ['pets/mpc', 'pets/top1'] and table[1].split()[2:4] == ['40.00', '50.00']
 
 
-def test_summary_keys_rows_by_checkpoint_hash(stl, trained, tmp_path):
+def test_summary_keys_rows_by_checkpoint_hash(stl, trained, tmp_path, monkeypatch):
     common = ['--results', str(tmp_path / 'r.jsonl'), '--data-dir', stl[0]]
     os.symlink(os.path.dirname(trained), tmp_path / 'link')
+    monkeypatch.chdir(HERE)
     for ckpt in [trained, os.path.relpath(trained, HERE), str(tmp_path / 'link' / 'ckpt.pt')]:
-        assert run('eval_linear.py', '--ckpt', ckpt, '--dataset', 'stl10', *common).returncode == 0
+        ev.main(['--ckpt', ckpt, '--dataset', 'stl10', *common])
     record = read_jsonl(tmp_path / 'r.jsonl')[0]
     with open(tmp_path / 'r.jsonl', 'a') as f:
         f.write('{"partial": \n')
@@ -1316,7 +1324,7 @@ def test_summary_ranks_over_the_data_sets_every_row_has():
     assert text[1].split()[-3] == '-'  # a has no z
 
 
-def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
+def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path, capsys):
     root, _ = stl
     folder = tmp_path / 'shapes'
     g = torch.Generator().manual_seed(0)
@@ -1330,8 +1338,7 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     for flags in [['--dataset', 'stl10', '--data-dir', root], ['--dataset', 'shapes', '--data-dir', str(folder)],
                   ['--dataset', 'shapes', '--data-dir', str(folder), '--few-shot', '1', '--episodes', '20'],
                   ['--dataset', 'stl10', '--data-dir', root, '--analyze']]:
-        proc = run('eval_linear.py', '--ckpt', trained, *flags, *common)
-        assert proc.returncode == 0, proc.stderr
+        ev.main(['--ckpt', trained, *flags, *common])
     results = read_jsonl(tmp_path / 'results.jsonl')
     assert [r['task'] for r in results] == ['linear', 'linear', '5-way 1-shot', 'analysis']
     assert results[1]['accuracy'] > 0.9  # brightness separates the five classes
@@ -1340,7 +1347,9 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path):
     assert analysis['hit1'] <= analysis['hit5'] and 1 / 16 <= analysis['frozen_mrr'] <= 1
     assert 0 <= analysis['cca'] <= 1 and abs(sum(analysis['routing_eq']) - 1) < 1e-4
     assert len(analysis['routing_inv']) == 4 and analysis['sample'] == 20  # 4 experts, STL-10's 20 training images
-    table = run('eval_linear.py', '--summary', *common).stdout.splitlines()
+    capsys.readouterr()
+    ev.main(['--summary', *common])
+    table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ['linear', 'shapes/top1', 'stl10/top1', 'mean', 'avg', 'rank']
     name = f'{os.path.basename(os.path.dirname(trained))}/ckpt.pt {results[0]["ckpt_sha256"][:8]}'
     assert table[1].startswith(name) and table[1].count(name) == 1
@@ -1766,9 +1775,8 @@ def test_a_second_run_on_a_folder_in_use_ends_in_one_line_and_the_first_goes_on(
         time.sleep(0.05)
     try:
         for extra in [[], ['--overwrite'], ['--resume']]:  # new, replacing, resuming: all while the first trains
-            second = run(*tiny_train_flags(stl[0], out, '--epochs', '1', *extra))
-            assert second.returncode == 1 and 'is in use by another train.py that is still running' in second.stderr
-            assert second.stderr.strip().count('\n') == 0, second.stderr
+            second = fails(train, tiny_train_flags(stl[0], out, '--epochs', '1', *extra)[1:])
+            assert f'is in use by another train.py that is still running (pid {first.pid})' in second
         assert first.poll() is None and os.path.exists(os.path.join(out, 'views.png'))  # untouched, still training
     finally:
         first.kill()  # as kill -9: the system releases the lock
@@ -1886,9 +1894,8 @@ def test_the_set_up_installs_what_torchvisions_readers_need():
     assert callable(scipy.io.loadmat)
 
 
-def test_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_temporary(stl, tmp_path, monkeypatch):
-    out = str(tmp_path / 'run')
-    assert run(*tiny_train_flags(stl[0], out, '--epochs', '1', '--eval-interval', '0')).returncode == 0
+def test_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_temporary(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
     before = snapshot(out)
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     real_save = torch.save
@@ -1899,7 +1906,7 @@ def test_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_temporary(s
     monkeypatch.setattr(torch, 'save', full)
     model = STAR('resnet18', 'star', 4)
     model.load_state_dict(ckpt['model'])
-    args = argparse.Namespace(**ckpt['args'])
+    args = argparse.Namespace(**{**ckpt['args'], 'out_dir': out})  # this copy, not the run it was copied from
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(SystemExit) as e:
         train.save_epoch(model, opt, ckpt['log'] + [{'epoch': 2}], args, {'norm': ckpt['norm'], 'stats': ckpt['stats']})
