@@ -102,9 +102,9 @@ SUN397_PARTITIONS = 'https://vision.princeton.edu/projects/2010/SUN/download/Par
 SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'splits')  # AugSelf's index files (SOURCE.md)
 
 
-def files_below(root):
-    """Every file below root in ImageFolder's order (folders sorted, then their files), following links but never
-    into a folder already visited or above root (a link to a parent would list its files again); none if root does
+def list_images(root):
+    """Every image file below root in ImageFolder's order (folders sorted, then their files), following links but never
+    into a folder already visited or above root (a link to a parent would list its images again); none if root does
     not exist."""
     top, seen, found = os.path.realpath(root), set(), []
     for d, dirs, fs in os.walk(root, followlinks=True):
@@ -113,12 +113,8 @@ def files_below(root):
             dirs.clear()
             continue
         seen.add(real)
-        found.append((d, sorted(fs)))
+        found.append((d, sorted(f for f in fs if f.lower().endswith(EXTENSIONS))))
     return [os.path.join(d, f) for d, fs in sorted(found) for f in fs]
-
-
-def list_images(root):
-    return [p for p in files_below(root) if p.lower().endswith(EXTENSIONS)]
 
 
 def class_folders(root):
