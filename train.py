@@ -186,7 +186,7 @@ def load_data(args):
     if args.dataset == 'stl10':
         return data.Images(*data.stl10(args.data_dir, 'train+unlabeled', size), size), data.STL10_NORM, monitor
     if args.dataset == 'imagenet100':
-        paths, labels = data.imagenet100(args.data_dir, 'train')
+        paths, labels = monitor[0].source, monitor[0].labels  # listed once: the monitor's train split is this one
     else:
         root = os.path.join(args.data_dir, 'train')
         root = root if os.path.isdir(root) else args.data_dir
