@@ -1837,11 +1837,12 @@ def test_a_split_listing_other_classes_than_train_is_refused(tmp_path):
     (['--analyze', '--few-shot', '1'], '--few-shot has no effect with --analyze'),
     (['--episodes', '100'], '--episodes has no effect with the linear probe'),
 ])
-def test_a_flag_that_cannot_act_is_refused(flags, message):
+def test_a_flag_that_cannot_act_is_refused(flags, message, tmp_path):
     with pytest.raises(SystemExit) as e:
         ev.get_args(['--ckpt', 'c', '--dataset', 'stl10', *flags])
     assert message in str(e.value) and '\n' not in str(e.value)
-    assert ev.get_args(['--ckpt', 'c', '--dataset', 'stl10', '--few-shot', '5']).episodes == 2000
+    few_shot = ev.get_args(['--ckpt', 'c', '--dataset', 'stl10', '--few-shot', '5', '--results', str(tmp_path / 'r')])
+    assert few_shot.episodes == 2000
 
 
 def test_the_image_size_defaults_to_the_data_sets():
@@ -1852,7 +1853,8 @@ def test_the_image_size_defaults_to_the_data_sets():
 
 def test_every_image_even_one_pixel_gives_a_crop_of_one_pixel_at_least():
     p = data.sample(torch.tensor([[1, 1], [1, 7], [7, 1], [2, 2]]).repeat(500, 1), torch.Generator().manual_seed(0))
-    assert (p[:, 2] >= 1).all() and (p[:, 3] >= 1).all() and (p[:, 0] + p[:, 2] <= torch.tensor([1, 1, 7, 2] * 500)).all()
+    heights = torch.tensor([1, 1, 7, 2] * 500)
+    assert (p[:, 2] >= 1).all() and (p[:, 3] >= 1).all() and (p[:, 0] + p[:, 2] <= heights).all()
     tiny = data.Images(torch.full((1, 3, 1, 1), 9, dtype=torch.uint8), torch.zeros(1), 32)
     x0, views, _ = tiny[(0, 3)]
     assert (views == 9).all() and views.shape == (2, 3, 32, 32)
