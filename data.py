@@ -2,8 +2,10 @@
 a frozen encoder, augmentations that return their parameters, pairing x0 <-> views; and the command-line checks both
 scripts share."""
 import argparse
+import contextlib
 import math
 import os
+import pathlib
 import re
 import sys
 
@@ -122,32 +124,31 @@ def class_folders(root):
     return sorted(e.name for e in os.scandir(root) if e.is_dir())
 
 
-def image_folder(root, classes=None):
-    """Paths of the images below root/CLASS for each of `classes` (default: the class folders), labelled by the
-    class's place in it, in torchvision ImageFolder's order: class by class, each in sorted order."""
+def image_folder(root, classes):
+    """Paths of the images below root/CLASS for each of `classes`, labelled by the class's place in the list, in
+    torchvision ImageFolder's order: class by class, each in sorted order."""
     if not os.path.isdir(root):
         fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
-    classes = classes or class_folders(root)
     paths = [list_images(os.path.join(root, c)) for c in classes]
     labels = torch.tensor([k for k, ps in enumerate(paths) for _ in ps], dtype=torch.long)
-    return [p for ps in paths for p in ps], labels, classes
+    return [p for ps in paths for p in ps], labels
 
 
 def imagenet100(root, split):
     """Paths and labels of ImageNet-100 in root/split (train or val, of class-id folders) as the authors' ImageNet100
     lists them: an ImageFolder (classes sorted, then files) of AugSelf's 100 classes, labelled by the list's order."""
-    with open(os.path.join(SPLITS, 'imagenet100.txt')) as f:
-        classes = f.read().split()
+    classes = pathlib.Path(SPLITS, 'imagenet100.txt').read_text().split()
     missing = [c for c in classes if not os.path.isdir(os.path.join(root, split, c))]
     if missing:
         fail(f'{root}/{split} lacks {len(missing)} of the ImageNet-100 class folders ({missing[0]}, ...)')
-    paths, labels, _ = image_folder(os.path.join(root, split), sorted(classes))
+    paths, labels = image_folder(os.path.join(root, split), sorted(classes))
     return paths, torch.tensor([classes.index(c) for c in sorted(classes)])[labels]
 
 
 def sun397(root, split):
     """Paths and labels of SUN397 partition 1 as AugSelf reads it: Training_01.txt (train) or Testing_01.txt (test),
-    each line labelled by its class's place in ClassName.txt; images and partition files in root/SUN397."""
+    each line labelled by its class's place in ClassName.txt (names and paths hold no spaces); images and partition
+    files in root/SUN397."""
     folder = os.path.join(root, 'SUN397')
     names = ['ClassName.txt', f'{"Training" if split == "train" else "Testing"}_01.txt']
     try:
@@ -158,10 +159,7 @@ def sun397(root, split):
     except Exception as e:
         fail(f'SUN397 images or {" and ".join(names)} missing in {folder}, download failed ({type(e).__name__}); put '
              f'SUN397.tar.gz\'s images and Partitions.zip\'s files (vision.princeton.edu/projects/2010/SUN) there')
-    with open(os.path.join(folder, names[0])) as f:
-        classes = [line.strip() for line in f if line.strip()]
-    with open(os.path.join(folder, names[1])) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    classes, lines = (pathlib.Path(folder, name).read_text().split() for name in names)
     labels = [next((i for i, c in enumerate(classes) if line.startswith(c + '/')), None) for line in lines]
     if None in labels:
         fail(f'{names[1]} line {labels.index(None) + 1} ({lines[labels.index(None)]}) is of no class in ClassName.txt; '
@@ -169,14 +167,13 @@ def sun397(root, split):
     return [os.path.join(folder, line.lstrip('/')) for line in lines], torch.tensor(labels)
 
 
-def pil_to_uint8(img, size=None):
-    """Any PIL image as uint8 RGB (resized and centre-cropped to `size` if given): integer grey (16-bit in image
-    files) scaled by its bit depth, float grey from [0, 1] (PIL's convert would clip both)."""
+def pil_to_uint8(img):
+    """Any PIL image as uint8 RGB: integer grey (16-bit in image files) scaled by its bit depth, float grey from
+    [0, 1] (PIL's convert would clip both)."""
     if img.mode[0] in 'IF':
         full = 1.0 if img.mode == 'F' else 65535.0
         img = img.point(lambda v: v * 255 / full).convert('L')
-    x = TF.pil_to_tensor(img.convert('RGB'))
-    return x if size is None else resize_crop(x, size)
+    return TF.pil_to_tensor(img.convert('RGB'))
 
 
 def image_sizes(ds, n=2000):
@@ -186,12 +183,9 @@ def image_sizes(ds, n=2000):
     if not isinstance(ds.source, list):
         return torch.tensor([ds.read(i)[0].shape[-2:] for i in drawn])
     sizes = []
-    for i in drawn:
-        try:
-            with Image.open(ds.source[i]) as img:
-                sizes.append(img.size[::-1])
-        except UNREADABLE:  # not an image: the worker that reads it will say so
-            pass
+    for i in drawn:  # a file that is not an image is passed over: the worker that reads it will say so
+        with contextlib.suppress(*UNREADABLE), Image.open(ds.source[i]) as img:
+            sizes.append(img.size[::-1])
     if not sizes:
         fail(f'none of {len(drawn)} image files drawn at random (e.g. {ds.source[0]}) reads as an image')
     return torch.tensor(sizes)
@@ -265,7 +259,7 @@ def labelled(name, root, split, size):
         if not classes:
             fail(f'--dataset {name}: not one of stl10, imagenet100, sun397, {", ".join(TORCHVISION)}, nor an image '
                  f'folder: {root}/train holds no class folders (an image folder is train/ and test/ of class folders)')
-        paths, labels, _ = image_folder(os.path.join(root, split), classes)
+        paths, labels = image_folder(os.path.join(root, split), classes)
         stray = sorted(set(list_images(os.path.join(root, split))) - set(paths))
         if stray:
             fail(f'{root}/{split}: {len(stray)} images are not in a class folder of the training split (e.g. '
@@ -293,11 +287,9 @@ def encode(encoder, batches, norm, device):
     """Pooled features (eval mode, float32, on the CPU) of batches of uint8 images as they come, with what accompanies
     each batch (labels) concatenated."""
     encoder.eval()
-    feats, extra = [], []
-    for x, y in tqdm(batches, desc='encoding', leave=False):
-        feats.append(encoder(TF.normalize(x.to(device).float().div(255), *norm)).cpu())
-        extra.append(y)
-    return torch.cat(feats), torch.cat(extra)
+    pairs = [(encoder(TF.normalize(x.to(device).float().div(255), *norm)).cpu(), y)
+             for x, y in tqdm(batches, desc='encoding', leave=False)]
+    return tuple(torch.cat(t) for t in zip(*pairs))
 
 
 # ---- augmentations: sample the parameters of every view, then apply them (a pure function of images and parameters)

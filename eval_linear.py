@@ -268,11 +268,10 @@ def score(batches, predictor, model):
         sums = {k: sums.get(k, 0) + v * b for k, v in means.items()}
         n += b
     out = {k: v / n for k, v in sums.items()}
-    if not model:
-        return out
-    cov = out.pop('zz') - out['z'].outer(out.pop('z'))
-    return out | {'cca': cca(cov, EMBED).mean().item(), 'routing_inv': out['routing_inv'].tolist(),
-                  'routing_eq': out['routing_eq'].tolist()}
+    if model:
+        cov = out.pop('zz') - out['z'].outer(out.pop('z'))
+        out['cca'] = cca(cov, EMBED).mean().item()
+    return {k: v.tolist() if torch.is_tensor(v) else v for k, v in out.items()}
 
 
 def training_images(name, root, split, size):
@@ -297,8 +296,7 @@ def analyze(args, net, size, norm, ckpt, views=16):
     h0, h_v, a = (torch.cat(t) for t in zip(*view_features(net, train_ds, sample, norm, stats, args.device, views)))
     predictor = fit_predictor(h0, h_v, a)
     test = view_features(net, test_ds, torch.randperm(len(test_ds), generator=g), norm, stats, args.device, views)
-    out = {'views': views, 'sample': len(sample)}
-    return out | score(test, predictor, model)
+    return {'views': views, 'sample': len(sample), **score(test, predictor, model)}
 
 
 def rank(value, values):
@@ -375,10 +373,9 @@ def main(argv=None):
         result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),
                    **few_shot(f, y, args.few_shot, args.episodes, args.device)}
     else:
-        metric = 'mean-per-class' if args.dataset in MEAN_PER_CLASS else 'top1'
-        feats = features(args, net, size, norm)
-        result |= {'task': 'linear', 'metric': metric,
-                   **linear_probe(feats, args.dataset, metric == 'mean-per-class', args.device)}
+        per_class = args.dataset in MEAN_PER_CLASS
+        result |= {'task': 'linear', 'metric': 'mean-per-class' if per_class else 'top1',
+                   **linear_probe(features(args, net, size, norm), args.dataset, per_class, args.device)}
     result |= {'ckpt': path, 'ckpt_sha256': digest, 'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
     print(readable(result))
     with open(args.results, 'a') as f:

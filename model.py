@@ -1,7 +1,6 @@
 """The method's modules: encoder f, experts E_k, soft task-aware routers, head variants, psi and phi; reading the
 checkpoints that hold them and restoring an encoder from any layout read."""
 import os
-import pickle
 
 import torch
 import torch.nn as nn
@@ -32,7 +31,6 @@ class Experts(nn.Module):
     def __init__(self, n, d, out=EMBED, hidden=None, bn=nn.BatchNorm1d):
         super().__init__()
         hidden = hidden or d
-        self.n = n
         self.w1 = nn.Parameter(torch.empty(n, d, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, hidden))
         self.w3 = nn.Parameter(torch.empty(n, hidden, out))
@@ -138,11 +136,10 @@ def load_checkpoint(path):
         fail(f'no checkpoint at {path}; check the path (train.py writes OUT_DIR/ckpt.pt)')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # 'Unsupported global': torch read the file, but it names code to run
+    except Exception as e:  # 'Unsupported global': torch read the file, but it names code to run
         fail(f'{path} holds pickled objects, not only weights (a whole model?): save its state_dict() instead'
-             if 'Unsupported global' in str(e) else f'{path} is not a torch file (a checkpoint saved by torch.save)')
-    except Exception as e:
-        fail(f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
+             if 'Unsupported global' in str(e) else
+             f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
     if not isinstance(ckpt, dict):
         fail(f'{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of weights)')
     return ckpt

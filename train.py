@@ -310,7 +310,9 @@ def pretrain(args, ckpt, world, rank, device):
         model.train()
         t0 = time.time()
         log = {'epoch': epoch + 1, **train_epoch(net, opt, batches, epoch, args, run)}
-        check_weights(model, epoch + 1)  # in every process, so that all stop together
+        # stop if the weights (the same in every process) are not finite: checked in all, so that all stop together
+        if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+            stop(f'the weights are not finite after epoch {epoch + 1}', epoch, '--lr')
         if rank > 0:
             continue
         log['images_per_s'] = per_epoch * args.batch_size / (time.time() - t0)
@@ -334,12 +336,6 @@ def prepare_out_dir(args, images):
     if removed:
         print(f'--overwrite: removed {", ".join(removed)} of the run in {args.out_dir}')
     data.show_views(images, os.path.join(args.out_dir, 'views.png'))
-
-
-def check_weights(model, epoch):
-    """Stop if the weights (the same in every process) are not finite: they are never saved."""
-    if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
-        stop(f'the weights are not finite after epoch {epoch}', epoch - 1, '--lr')
 
 
 def save_epoch(model, opt, history, args, run):
