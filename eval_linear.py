@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ SAMPLE = 5000  # training images the analysis fits its frozen predictor on: a se
 ANALYSIS_COLUMNS = ['cca', 'mrr', 'hit1', 'hit5', 'pre', 'frozen_mrr', 'frozen_hit1', 'frozen_hit5',
                     'frozen_pre']
 SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'sample',
-         *ANALYSIS_COLUMNS]
+         *ANALYSIS_COLUMNS, 'routing_png']
 
 
 def get_args(argv=None):
@@ -39,7 +40,8 @@ def get_args(argv=None):
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
     p.add_argument('--episodes', type=int, help='few-shot episodes (2000 if not given)')
     p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; of a ckpt.pt with an '
-                   'equivariant head, also the CCA of z_inv and z_eq, its own predictor and its routing')
+                   'equivariant head, also the CCA of z_inv and z_eq, its own predictor and its routing; of a STAR '
+                   'ckpt.pt, the picture routing-HASH-DATASET.png of its routing, beside --results')
     p.add_argument('--summary', action='store_true', help='print the tables of the results in --results')
     p.add_argument('--results', default='results.jsonl', help='every run appends a JSON line here')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
@@ -299,6 +301,24 @@ def analyze(args, net, size, norm, ckpt, views=16):
     return {'views': views, 'sample': len(sample), **score(test, predictor, model)}
 
 
+def draw_routing(result):
+    """The picture result['routing_png'] of an analysis's routing: a row per expert, each router's mean weight (blue:
+    s_inv, orange: s_eq) written and drawn as a bar 450 px long for a weight of 1, a black line at the uniform 1/N;
+    titled with the checkpoint, the data set and its folder."""
+    n = len(result['routing_inv'])
+    img = Image.new('RGB', (640, 44 + 30 * n), 'white')
+    draw = ImageDraw.Draw(img)
+    draw.multiline_text((10, 4), f'{result["name"]} on {result["dataset"]} ({result["data_dir"]})\nmean routing '
+                        f'weight per expert over the test images; black line: uniform 1/{n}', fill='black')
+    for k in range(n):
+        for j, (task, colour) in enumerate([('inv', (31, 119, 180)), ('eq', (255, 127, 14))]):
+            y, w = 40 + 30 * k + 13 * j, result[f'routing_{task}'][k]
+            draw.text((10, y), f'expert {k + 1} s_{task} {w:.3f}', fill='black')
+            draw.rectangle([150, y, 150 + 450 * w, y + 10], fill=colour)
+    draw.line([150 + 450 / n, 36, 150 + 450 / n, 36 + 30 * n], fill='black')
+    img.save(result['routing_png'])
+
+
 def rank(value, values):
     return sum(v > value for v in values) + (sum(v == value for v in values) + 1) / 2
 
@@ -377,9 +397,13 @@ def main(argv=None):
         result |= {'task': 'linear', 'metric': 'mean-per-class' if per_class else 'top1',
                    **linear_probe(features(args, net, size, norm), args.dataset, per_class, args.device)}
     result |= {'ckpt': path, 'ckpt_sha256': digest, 'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
+    if args.analyze and ckpt.get('args', {}).get('heads') == 'star':  # named as its row of the summary table is
+        result['routing_png'] = os.path.join(os.path.dirname(args.results), f'routing-{digest[:8]}-{args.dataset}.png')
     print(readable(result))
     with open(args.results, 'a') as f:
         f.write(json.dumps(result) + '\n')
+    if 'routing_png' in result:  # drawn once the result is kept
+        draw_routing(result)
 
 
 if __name__ == '__main__':

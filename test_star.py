@@ -1349,6 +1349,7 @@ def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path, c
     assert analysis['hit1'] <= analysis['hit5'] and 1 / 16 <= analysis['frozen_mrr'] <= 1
     assert 0 <= analysis['cca'] <= 1 and abs(sum(analysis['routing_eq']) - 1) < 1e-4
     assert len(analysis['routing_inv']) == 4 and analysis['sample'] == 20  # 4 experts, STL-10's 20 training images
+    assert os.path.basename(analysis['routing_png']) == f'routing-{analysis["ckpt_sha256"][:8]}-stl10.png'
     capsys.readouterr()
     ev.main(['--summary', *common])
     table = capsys.readouterr().out.splitlines()
@@ -1371,6 +1372,7 @@ def test_analysis_of_an_encoder_without_heads_measures_its_frozen_features(stl, 
              '--analyze', '--results', str(results)])
     r = read_jsonl(results)[0]
     assert 'cca' not in r and 'mrr' not in r and 'routing_inv' not in r  # no heads: frozen metrics only
+    assert 'routing_png' not in r and not [f for f in os.listdir(tmp_path) if f.startswith('routing')]
     assert r['image_size'] == 32 and r['norm'] == [list(v) for v in data.STL10_NORM]  # recorded in encoder.pt
     assert 1 / 16 <= r['frozen_mrr'] <= 1 and r['frozen_hit1'] <= r['frozen_hit5'] and r['frozen_pre'] > 0
 
@@ -2022,6 +2024,41 @@ def test_analysis_end_to_end_on_imagenet100(imagenet_run, tmp_path, monkeypatch)
     assert 0 < r['frozen_mrr'] <= 1 and r['hit1'] <= r['hit5'] <= 1 and 0 <= r['cca'] <= 1
     assert len(r['routing_inv']) == 4 and sum(r['routing_inv']) == pytest.approx(1, abs=1e-5)
     assert 'hit5' in proc.stdout and 'frozen_hit5' in proc.stdout
+    # the routing picture, beside the results, named by the checkpoint and the data set, draws the recorded weights
+    assert r['routing_png'] == str(tmp_path / f'routing-{r["ckpt_sha256"][:8]}-imagenet100.png') in proc.stdout
+    ends, mark = routing_bars(r['routing_png'], 4)
+    weights = zip(r['routing_inv'], r['routing_eq'])
+    assert all(abs(end - (150 + 450 * w)) <= 1.5 for row, ws in zip(ends, weights) for end, w in zip(row, ws))
+
+
+ROUTER_COLOURS = [(31, 119, 180), (255, 127, 14)]  # s_inv blue, s_eq orange
+
+
+def routing_bars(png, n):
+    """Where each bar of the routing picture ends ([expert][router], None: no bar) and the column of its 1/N mark."""
+    x = TF.pil_to_tensor(Image.open(png))
+    assert x.shape[1:] == (44 + 30 * n, 640)
+    ends = [[None, None] for _ in range(n)]
+    for k in range(n):
+        for j, colour in enumerate(ROUTER_COLOURS):
+            row = (x[:, 40 + 30 * k + 13 * j + 5] == torch.tensor(colour)[:, None]).all(0)
+            ends[k][j] = row.nonzero().max().item() if row.any() else None
+    mark = (x[:, 38, 150:] == 0).all(0).nonzero().squeeze(1) + 150  # between the title and the first bar
+    assert len(mark) == 1 and (x[:, 40:36 + 30 * n, mark] == 0).all()  # one line, down every row
+    return ends, mark.item()
+
+
+def test_the_routing_picture_draws_what_its_numbers_say(tmp_path):
+    base = {'name': 'run/ckpt.pt 0123abcd', 'dataset': 'stl10', 'data_dir': '/data'}
+    cases = {'uniform': ([0.25] * 4, [0.25] * 4), 'one-hot': ([0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0])}
+    for name, (s_inv, s_eq) in cases.items():
+        ev.draw_routing(base | {'routing_inv': s_inv, 'routing_eq': s_eq, 'routing_png': str(tmp_path / f'{name}.png')})
+    ends, mark = routing_bars(tmp_path / 'uniform.png', 4)
+    assert mark == pytest.approx(150 + 450 / 4, abs=1)
+    assert all(mark - 2 <= end <= mark for row in ends for end in row)  # every bar stops at the mark, none beyond
+    ends, mark = routing_bars(tmp_path / 'one-hot.png', 4)
+    assert [row[0] for row in ends] == [150, 150, 600, 150]  # the full bar 450 px; a weight of 0 draws a 1-px stub
+    assert [row[1] for row in ends] == [375, 375, 150, 150] and ends[2][0] > mark
 
 
 def test_what_the_analysis_holds_does_not_grow_with_the_split(trained, tmp_path, monkeypatch):
