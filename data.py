@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import pathlib
-import re
 import sys
 
 import torch
@@ -14,12 +13,15 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.datasets as D
 from PIL import Image
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 STL10_NORM = ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27))  # the STL-10 normalisation of the paper's recipe
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # of ImageNet-100 and any other image folder
-PRETRAIN = {'stl10': (96, STL10_NORM), 'imagenet100': (224, IMAGENET_NORM)}  # image size and normalisation of each
+# the image size and normalisation of each pretraining data set (folder: any image folder)
+PRETRAIN = {'stl10': (96, STL10_NORM), 'imagenet100': (224, IMAGENET_NORM), 'folder': (224, IMAGENET_NORM)}
+WORKERS = min(4, os.cpu_count() or 1)  # DataLoader processes that read, decode and crop the images
 FIELDS = ['top', 'left', 'height', 'width', 'flip', 'brightness', 'contrast', 'saturation', 'hue', 'gray', 'sigma']
 COL = {f: i for i, f in enumerate(FIELDS)}  # the column of each field in a parameter vector
 IDENTITY = torch.tensor([1.0, 1.0, 1.0, 0.0])  # colour jitter factors when jitter is not applied
@@ -38,29 +40,25 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 
 def parser(description):
     """argparse whose own errors (a mistyped flag, a value of the wrong type) end in one line and exit 1 too; flags
-    are spelled in full."""
+    are spelled in full. Both scripts take --device (torch names a device it cannot use)."""
     p = argparse.ArgumentParser(description=description, formatter_class=Help, allow_abbrev=False)
     p.error = lambda message: fail(f'{message} (see --help)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     return p
 
 
-def require(args, bounds, above=()):
-    """One line and exit 1 unless every flag's value is finite and within its bounds (low, high): at least low (above
-    it for the flags in `above`) and at most high."""
-    for name, (low, high) in bounds.items():
-        value, strict = getattr(args, name), name in above
-        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low) and
-                                      value <= high):
-            fail(f'--{name.replace("_", "-")} must be {"above" if strict else "at least"} {low}'
-                 f'{f" and at most {high}" if high < math.inf else ""} (got {value})')
+def require(args, low, above=()):
+    """One line and exit 1 unless every flag of `low` is a finite number of at least its bound, and every flag of
+    `above` one above 0: the values that would train or score silently wrong (torch checks --lr, --wd, --workers)."""
+    for name, bound in {**low, **dict.fromkeys(above, 0)}.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > bound if name in above else value >= bound)):
+            fail(f'--{name.replace("_", "-")} must be {"above" if name in above else "at least"} {bound} (got {value})')
 
 
-def check_device(name):
-    if not re.fullmatch(r'cpu|cuda(:\d+)?', name):
-        fail(f'--device {name}: expected cpu, cuda or cuda:N')
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if name.startswith('cuda') and int(name[5:] or 0) >= count:
-        fail(f'--device {name}: this machine has {count} GPU(s){"" if count else "; use --device cpu"}')
+def generator(key):
+    """A random stream seeded by key: an int, or a tuple of ints (hashed, alike in every process)."""
+    return torch.Generator().manual_seed(hash(key) if isinstance(key, tuple) else key)
 
 
 # ---- data sets
@@ -73,28 +71,32 @@ def resize_crop(images, size, mode=TF.InterpolationMode.BICUBIC):
     return images
 
 
+def fetch(download, where):
+    """download(): a torchvision reader that fetches and extracts the files when online; offline (a URLError) or when
+    it refuses the files, one line passing on what it said and where the files go."""
+    try:
+        return download()
+    except Exception as e:
+        fail(f'{type(e).__name__}: {e}; {where}')
+
+
 def stl10(root, split, size=96):
     """A split of STL-10 (train, test, unlabeled, train+unlabeled) as uint8 images and labels (-1: unlabelled)."""
-    folder, parts = os.path.join(root, 'stl10_binary'), split.split('+')
-    names = [f'{part}_X.bin' for part in parts] + [f'{part}_y.bin' for part in parts if part != 'unlabeled']
-    missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
-    if missing:
-        try:  # torchvision fetches and extracts the archive when the machine is online
-            torchvision.datasets.STL10(root, split='train', download=True)
-        except Exception as e:
-            fail(f'STL-10 files missing in {folder}: {", ".join(missing)}, download failed ({type(e).__name__}); '
-                 f'extract stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ into {root}')
+    folder = os.path.join(root, 'stl10_binary')
+    if not os.path.isdir(folder):
+        fetch(lambda: torchvision.datasets.STL10(root, split='train', download=True),
+              f'extract stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ into {root}')
     images, labels = [], []
-    for part in parts:
+    for part in split.split('+'):  # FileNotFoundError names a file that is missing
         x_path, y_path = (os.path.join(folder, f'{part}_{xy}.bin') for xy in 'Xy')
         n, rest = divmod(os.path.getsize(x_path), 3 * 96 * 96)
-        if rest or (part != 'unlabeled' and os.path.getsize(y_path) != n):
-            fail(f'{x_path if rest else y_path} is truncated: the sizes of {part}_X.bin and {part}_y.bin disagree; '
-                 f'extract STL-10 again')
+        y = torch.full((n,), -1) if part == 'unlabeled' else torch.from_file(y_path, size=os.path.getsize(y_path),
+                                                                             dtype=torch.uint8).long() - 1
+        if rest or len(y) != n:
+            fail(f'the sizes of {x_path} and {part}_y.bin disagree (a truncated file?): extract STL-10 again')
         x = torch.from_file(x_path, size=n * 3 * 96 * 96, dtype=torch.uint8)
         images.append(resize_crop(x.view(n, 3, 96, 96).transpose(2, 3), size))  # each channel stored column-major
-        y = torch.full((n,), -1) if part == 'unlabeled' else torch.from_file(y_path, size=n, dtype=torch.uint8) - 1
-        labels.append(y.long())
+        labels.append(y)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -119,17 +121,12 @@ def list_images(root):
     return [os.path.join(d, f) for d, fs in sorted(found) for f in fs]
 
 
-def class_folders(root):
-    """The class folders of an image folder (links followed), sorted: one listing for every split."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir())
-
-
 def image_folder(root, classes):
-    """Paths of the images below root/CLASS for each of `classes`, labelled by the class's place in the list, in
-    torchvision ImageFolder's order: class by class, each in sorted order."""
-    if not os.path.isdir(root):
-        fail(f'image folder {root} does not exist; point --data-dir at a folder of images')
+    """Paths of the images below root/CLASS for each of `classes` (root itself for ''), labelled by the class's place in
+    the list, in torchvision ImageFolder's order: class by class, each in sorted order."""
     paths = [list_images(os.path.join(root, c)) for c in classes]
+    if not any(paths):
+        fail(f'no image files ({", ".join(EXTENSIONS)}) below {root}; point --data-dir at a folder of images')
     labels = torch.tensor([k for k, ps in enumerate(paths) for _ in ps], dtype=torch.long)
     return [p for ps in paths for p in ps], labels
 
@@ -151,19 +148,13 @@ def sun397(root, split):
     files in root/SUN397."""
     folder = os.path.join(root, 'SUN397')
     names = ['ClassName.txt', f'{"Training" if split == "train" else "Testing"}_01.txt']
-    try:
-        if not os.path.isdir(os.path.join(folder, 'a')):
-            torchvision.datasets.SUN397(root, download=True)
-        if not all(os.path.exists(os.path.join(folder, n)) for n in names):
-            torchvision.datasets.utils.download_and_extract_archive(SUN397_PARTITIONS, folder)
-    except Exception as e:
-        fail(f'SUN397 images or {" and ".join(names)} missing in {folder}, download failed ({type(e).__name__}); put '
-             f'SUN397.tar.gz\'s images and Partitions.zip\'s files (vision.princeton.edu/projects/2010/SUN) there')
+    where = f'put the images of SUN397.tar.gz and the files of Partitions.zip (vision.princeton.edu) in {folder}'
+    if not os.path.isdir(os.path.join(folder, 'a')):
+        fetch(lambda: torchvision.datasets.SUN397(root, download=True), where)
+    if not all(os.path.exists(os.path.join(folder, n)) for n in names):
+        fetch(lambda: torchvision.datasets.utils.download_and_extract_archive(SUN397_PARTITIONS, folder), where)
     classes, lines = (pathlib.Path(folder, name).read_text().split() for name in names)
-    labels = [next((i for i, c in enumerate(classes) if line.startswith(c + '/')), None) for line in lines]
-    if None in labels:
-        fail(f'{names[1]} line {labels.index(None) + 1} ({lines[labels.index(None)]}) is of no class in ClassName.txt; '
-             f'put both files of Partitions.zip in {folder} again')
+    labels = [classes.index(os.path.dirname(line)) for line in lines]  # ValueError: a line of no class in the list
     return [os.path.join(folder, line.lstrip('/')) for line in lines], torch.tensor(labels)
 
 
@@ -179,16 +170,14 @@ def pil_to_uint8(img):
 def image_sizes(ds, n=2000):
     """(height, width) of up to n images of ds (Images) drawn with a fixed seed: read from the files' headers (nothing
     decoded), or of the images in memory or of a torchvision data set."""
-    drawn = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    drawn = torch.randperm(len(ds), generator=generator(0))[:n].tolist()
     if not isinstance(ds.source, list):
         return torch.tensor([ds.read(i)[0].shape[-2:] for i in drawn])
     sizes = []
     for i in drawn:  # a file that is not an image is passed over: the worker that reads it will say so
         with contextlib.suppress(*UNREADABLE), Image.open(ds.source[i]) as img:
             sizes.append(img.size[::-1])
-    if not sizes:
-        fail(f'none of {len(drawn)} image files drawn at random (e.g. {ds.source[0]}) reads as an image')
-    return torch.tensor(sizes)
+    return torch.tensor(sizes or [ds.read(drawn[0])[0].shape[-2:]])  # none read: ds.read names why, or finds one
 
 
 class Images(torch.utils.data.Dataset):
@@ -211,7 +200,7 @@ class Images(torch.utils.data.Dataset):
         x0 = resize_crop(img, self.size, self.mode)
         if key is None:
             return x0, label
-        p = sample(torch.tensor([img.shape[-2:]] * 2), torch.Generator().manual_seed(key))
+        p = sample(torch.tensor([img.shape[-2:]] * 2), generator(key))
         views = [TF.resized_crop(img, *p[v, :4].int().tolist(), [self.size] * 2, antialias=True) for v in range(2)]
         return x0, torch.stack(views), p
 
@@ -243,38 +232,27 @@ TORCHVISION = {
 }
 
 
-def labelled(name, root, split, size):
-    """One split of a labelled data set as (uint8 image resized (bicubic) and centre-cropped to size, label) items:
-    stl10, imagenet100 (test: val/), sun397, TORCHVISION's, or an image folder labelled by the classes of its train/."""
-    def images(paths, labels):
-        return Images(paths, labels, size, TF.InterpolationMode.BICUBIC)
-    if name == 'stl10':
-        return images(*stl10(root, split, size))
-    if name == 'sun397':
-        return images(*sun397(root, split))
-    if name == 'imagenet100':
-        return images(*imagenet100(root, 'val' if split == 'test' else split))
-    if name not in TORCHVISION:
-        classes = class_folders(os.path.join(root, 'train')) if os.path.isdir(os.path.join(root, 'train')) else []
-        if not classes:
-            fail(f'--dataset {name}: not one of stl10, imagenet100, sun397, {", ".join(TORCHVISION)}, nor an image '
-                 f'folder: {root}/train holds no class folders (an image folder is train/ and test/ of class folders)')
+def labelled(name, root, split, size, mode=TF.InterpolationMode.BICUBIC):
+    """One split of a labelled data set as Images, x0 resized (`mode`) and centre-cropped to size: stl10, imagenet100
+    (test: val/), sun397, TORCHVISION's, or an image folder labelled by the classes of its train/."""
+    readers = {'stl10': lambda: stl10(root, split, size), 'sun397': lambda: sun397(root, split),
+               'imagenet100': lambda: imagenet100(root, 'val' if split == 'test' else split)}
+    if name in readers:
+        return Images(*readers[name](), size, mode)
+    if name not in TORCHVISION:  # an image folder: FileNotFoundError if root/train is none, or holds no class folder
+        classes, _ = find_classes(os.path.join(root, 'train'))
         paths, labels = image_folder(os.path.join(root, split), classes)
         stray = sorted(set(list_images(os.path.join(root, split))) - set(paths))
         if stray:
-            fail(f'{root}/{split}: {len(stray)} images are not in a class folder of the training split (e.g. '
-                 f'{", ".join(os.path.relpath(p, os.path.join(root, split)) for p in stray[:3])}); move them')
-        return images(paths, labels)
+            fail(f'{len(stray)} images of {root}/{split} are in no class folder of train/ (e.g. {stray[0]}): move them')
+        return Images(paths, labels, size, mode)
     cls, kwargs = TORCHVISION[name]
-    try:
-        ds = cls(root, **kwargs.get(split, kwargs.get('all')), transform=pil_to_uint8, download=True)
-        train = cls(root, **kwargs['train']) if split not in ('train', 'all') and hasattr(ds, 'classes') else ds
-    except Exception as e:
-        fail(f'{name} ({split}) not found in {root}, download failed ({type(e).__name__}); place the files where '
-             f'torchvision.datasets.{cls.__name__}(root="{root}") expects them')
+    where = f'place the files where torchvision.datasets.{cls.__name__}(root="{root}") reads them ({name}, {split})'
+    ds = fetch(lambda: cls(root, **kwargs.get(split, kwargs.get('all')), transform=pil_to_uint8, download=True), where)
+    train = cls(root, **kwargs['train']) if split not in ('train', 'all') and hasattr(ds, 'classes') else ds
     if getattr(ds, 'classes', None) != getattr(train, 'classes', None):  # torchvision lists them per split (DTD)
         fail(f'{name}: its {split} split lists {len(ds.classes)} classes, train {len(train.classes)}: download again')
-    return images(ds, None)
+    return Images(ds, None, size, mode)
 
 
 def loader(ds, workers, batches=None):
@@ -317,16 +295,25 @@ def sample(sizes, g):
     return torch.cat([torch.stack([top, left, h, w, flip], 1), factors, torch.stack([gray, sigma], 1)], 1)
 
 
-def jitter_order(g):
-    """The order of the four colour operations: one for a batch of views, as kornia's ColorJitter draws it."""
-    return torch.rand(4, generator=g).argsort()
+def jitter_orders(g):
+    """The orders (2 x 4) of the four colour operations for the two view batches of a step: one order a batch, as
+    kornia's ColorJitter draws it."""
+    return torch.rand(2, 4, generator=g).argsort(1)
 
 
 def param_stats(sizes, n=200_000):
-    """Mean and std of the parameter vector, from the sampler itself on images of `sizes` (k x 2), seeded."""
-    g = torch.Generator().manual_seed(0)
+    """Mean and std of the parameter vector, from the sampler itself on images of `sizes` (k x 2), seeded; a field that
+    never varies (every crop of 1-pixel images alike) gets std 1, so it standardises to 0."""
+    g = generator(0)
     p = sample(sizes[torch.randint(len(sizes), (n,), generator=g)], g)
-    return p.mean(0), p.std(0)
+    std = p.std(0)
+    return p.mean(0), std.where(std > 0, 1.0)
+
+
+def run_stats(ds, kept=None):
+    """The statistics that standardise a run's parameters: those it kept (ckpt.pt's), else drawn as training draws
+    them on the image sizes of ds (Images)."""
+    return kept if kept is not None else param_stats(image_sizes(ds))
 
 
 def hsv_saturation(x, f):
@@ -389,13 +376,20 @@ def apply_to(x, mask, fn, factor):
     return x
 
 
-def make_views(x0, views, p, order, norm, stats):
-    """The pairing the method needs from a batch of training items of Images (x0, views: B x 2 x 3 x S x S, both
-    uint8; p: B x 2 x 11) and colour orders (2 x 4): x0 and views v1, v2 normalised, standardised parameters a1, a2."""
-    mean, std = (s.to(x0.device) for s in stats)
+def render(x0, views, p, orders):
+    """x0 and the views (B x 2 x 3 x S x S) as floats in [0, 1] from a batch of training items of Images (uint8 x0 and
+    crops; p: B x 2 x 11) and the colour orders of the two view batches (2 x 4)."""
+    views = torch.stack([augment(views[:, v].float().div(255), p[:, v], orders[v]) for v in range(2)], 1)
+    return x0.float().div(255), views
+
+
+def make_views(x0, views, p, orders, norm, stats):
+    """The pairing the method needs from a batch of training items: x0 and views v1, v2 normalised, and the views'
+    parameters a1, a2 standardised with the run's statistics (mean, std)."""
     p = p.to(x0.device)
-    v1, v2 = (TF.normalize(augment(views[:, v].float().div(255), p[:, v], order[v]), *norm) for v in range(2))
-    return TF.normalize(x0.float().div(255), *norm), v1, v2, (p[:, 0] - mean) / std, (p[:, 1] - mean) / std
+    x0, views = (TF.normalize(t, *norm) for t in render(x0, views, p, orders))
+    a = (p - stats[0].to(p.device)) / stats[1].to(p.device)
+    return x0, views[:, 0], views[:, 1], a[:, 0], a[:, 1]
 
 
 # ---- pictures
@@ -403,8 +397,7 @@ def make_views(x0, views, p, order, norm, stats):
 def show_views(ds, path, n=8):
     """views.png: n originals x0 spread over the data set (Images), each beside its two views v1, v2, two such
     triples to a row, a blank tile after each."""
-    shown, g = torch.linspace(0, len(ds) - 1, n).long().tolist(), torch.Generator().manual_seed(0)
-    x0, views, p = torch.utils.data.default_collate([ds[(k, k)] for k in shown])
-    views = [augment(views[:, v].float().div(255), p[:, v], jitter_order(g)) for v in range(2)]
-    tiles = torch.stack([x0.float().div(255), *views, torch.ones_like(views[0])], 1).flatten(0, 1)
+    shown = torch.linspace(0, len(ds) - 1, n).long().tolist()
+    x0, views = render(*torch.utils.data.default_collate([ds[(k, k)] for k in shown]), jitter_orders(generator(0)))
+    tiles = torch.stack([x0, views[:, 0], views[:, 1], torch.ones_like(x0)], 1).flatten(0, 1)
     torchvision.utils.save_image(TF.resize(tiles, [96, 96], antialias=True), path, nrow=8, padding=4, pad_value=1)

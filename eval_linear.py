@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,12 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import data
-from data import TORCHVISION, fail
-from model import EMBED, STAR, Shift, load_encoder, load_weights
+from data import TORCHVISION, WORKERS, fail
+from model import EMBED, Shift, restore
 # AugSelf's validation hold-outs (ImageNet-100's: the STAR authors'): (train, val) sizes and the seed of random_split
 HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food101': (68175, 7575, 42),
             'pets': (2940, 740, 49), 'cars': (6494, 1650, 45), 'mit67': (4690, 670, 51), 'stl10': (4500, 500, 50),
             'imagenet100': (114020, 12669, 12)}
-WORKERS = min(8, os.cpu_count() or 1)  # DataLoader processes that read and resize the images
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 SAMPLE = 5000  # training images the analysis fits its frozen predictor on: a seeded sample, the same for every run
@@ -36,40 +36,41 @@ def get_args(argv=None):
     p.add_argument('--ckpt', help="train.py's ckpt.pt or encoder.pt, or an official checkpoint ({'backbone': ...})")
     p.add_argument('--dataset', help=f'stl10, imagenet100, sun397, {", ".join(TORCHVISION)}; any other name is an '
                                      'image folder (--data-dir with train/, test/ of class folders: mit67, cars, ...)')
-    p.add_argument('--data-dir', default='data', help='torchvision root (downloads there when online) or image folder')
+    p.add_argument('--data-dir', help='torchvision root (downloads there when online) or image folder (default: data)')
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
     p.add_argument('--episodes', type=int, help='few-shot episodes (2000 if not given)')
     p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; of a ckpt.pt with an '
-                   'equivariant head, also the CCA of z_inv and z_eq, its own predictor and its routing; of a STAR '
-                   'ckpt.pt, the picture routing-HASH-DATASET.png of its routing, beside --results')
+                   'equivariant head also CCA, its predictor, routing; of STAR\'s, routing-*.png beside --results')
     p.add_argument('--summary', action='store_true', help='print the tables of the results in --results')
     p.add_argument('--results', default='results.jsonl', help='every run appends a JSON line here')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
     args = p.parse_args(argv)
-    data.check_device(args.device)
-    data.require(args, {'few_shot': (1, math.inf), 'episodes': (1, math.inf)})
-    if not args.summary:
-        check_task(args)
-    if args.few_shot and args.episodes is None:
-        args.episodes = 2000
+    data.require(args, {'few_shot': 1, 'episodes': 1})
+    check_task(args)
+    args.data_dir = args.data_dir or 'data'
+    args.episodes = args.episodes or (2000 if args.few_shot else None)
     return args
 
 
 def check_task(args):
-    """Refuse, before any work, what cannot run to the end: a missing flag, a flag that cannot act, unwritable
-    output."""
+    """Refuse, before any work, what cannot run to the end: a missing flag, a flag that cannot act, a --results that
+    cannot take the result."""
+    task = ('--summary' if args.summary else '--analyze' if args.analyze else '--few-shot' if args.few_shot else
+            'the linear probe')
+    acts = {'ckpt': task != '--summary', 'dataset': task != '--summary', 'data_dir': task != '--summary',
+            'analyze': task == '--analyze', 'few_shot': task == '--few-shot', 'episodes': task == '--few-shot'}
+    for flag in [f for f, used in acts.items() if not used and getattr(args, f) not in (None, False)]:
+        fail(f'--{flag.replace("_", "-")} has no effect with {task}: drop it')
+    if task == '--summary':
+        return
     if not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
     if args.analyze and 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
         fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
-    task = '--analyze' if args.analyze else '--few-shot' if args.few_shot else 'the linear probe'
-    acts = {'few_shot': not args.analyze, 'episodes': task == '--few-shot'}
-    for flag in [f for f, used in acts.items() if not used and getattr(args, f) is not None]:
-        fail(f'--{flag.replace("_", "-")} has no effect with {task}: drop it')
-    try:
-        open(args.results, 'a').close()  # as the result will be written, before any work
-    except OSError as e:
-        fail(f'cannot append to --results {args.results!r} ({e.strerror}); give a file in a writable folder')
+    with open(args.results, 'a+', errors='replace') as f:  # opened as the result will be, before any work (OSError)
+        f.seek(0)
+        first = f.readline()
+    if first and not first.startswith('{'):  # a ckpt.pt, say: a line appended would change its hash
+        fail(f'--results {args.results} is not a file of JSON lines: give another file (it was left as it is)')
 
 
 def features(args, net, size, norm):
@@ -98,17 +99,11 @@ def probe_splits(name, feats):
                 feats[split] = source[0][i], source[1][i]
     if 'val' not in feats:
         n_train, n_val, seed = HOLD_OUT.get(name, (9, 1, 0))
-        if len(feats['train'][1]) < 2:
-            fail(f'{name} has {len(feats["train"][1])} training image(s): too few to hold out a validation split')
         n_val = max(1, len(feats['train'][1]) * n_val // (n_train + n_val))
         f, y = feats['train']
         i = torch.utils.data.random_split(range(len(y)), [len(y) - n_val, n_val], torch.Generator().manual_seed(seed))
         feats['train'], feats['val'] = ((f[s.indices], y[s.indices]) for s in i)
     return feats['train'], feats['val'], feats['test']
-
-
-def with_bias(x):
-    return torch.cat([x, torch.ones_like(x[..., :1])], -1)
 
 
 def minimise(loss, theta):
@@ -128,7 +123,7 @@ def minimise(loss, theta):
 
 def logistic_regression(x, y, n_classes, w, init=None):
     """AugSelf's probe: summed cross-entropy + w ||theta||^2 (bias included); theta is (d+1) x C."""
-    x = with_bias(x)
+    x = F.pad(x, (0, 1), value=1)  # the bias as a last feature of 1
     init = x.new_zeros(x.shape[1], n_classes) if init is None else init
     return minimise(lambda t: F.cross_entropy(x @ t, y, reduction='sum') + w * t.pow(2).sum(), init)
 
@@ -136,13 +131,13 @@ def logistic_regression(x, y, n_classes, w, init=None):
 def one_vs_rest(x, y, n_classes):
     """scikit-learn's LogisticRegression(solver='liblinear'), C = 1, for E episodes (x: E x n x d) at once: per
     class, 1/2 ||[theta; b]||^2 + sum log(1 + exp(-y (theta x + b))), y = +-1. Returns E x (d+1) x C."""
-    x, y_c = with_bias(x), 2 * F.one_hot(y, n_classes).float() - 1
+    x, y_c = F.pad(x, (0, 1), value=1), 2 * F.one_hot(y, n_classes).float() - 1
     init = x.new_zeros(x.shape[0], x.shape[-1], n_classes)
     return minimise(lambda t: t.pow(2).sum() / 2 + F.softplus(-y_c * (x @ t)).sum(), init)
 
 
 def classify(theta, x):
-    return (with_bias(x) @ theta).argmax(-1)
+    return (F.pad(x, (0, 1), value=1) @ theta).argmax(-1)
 
 
 def accuracy(pred, y, per_class):
@@ -154,6 +149,8 @@ def accuracy(pred, y, per_class):
 def linear_probe(feats, name, per_class, device):
     """Choose w on val (each fit warm-started from the last), refit on train + val, report test (after AugSelf)."""
     (xt, yt), (xv, yv), (xs, ys) = (tuple(t.to(device) for t in s) for s in probe_splits(name, feats))
+    if len(torch.cat([yt, yv]).unique()) < 2:  # one class would score 100%
+        fail(f'{name}: a linear probe needs two classes or more; its training split holds one class or none')
     n_classes, theta, scores = int(max(yt.max(), yv.max(), ys.max())) + 1, None, []
     for w in tqdm(WEIGHTS.tolist(), desc='choosing w on val', leave=False):
         theta = logistic_regression(xt, yt, n_classes, w, theta)
@@ -238,15 +235,15 @@ def fit_predictor(h0, h_v, a, epochs=10, seed=0):
 @torch.no_grad()
 def view_features(net, ds, indices, norm, stats, device, views=16, chunk=16, seed=0):
     """Batches (h(x0): B x d, h(v): B x views x d, standardised a: B x views x 11) of the images `indices` of ds,
-    `chunk` at a time, their views drawn as training draws them: items (i, key) of ds (Images) made in its workers,
-    augmented on the device with one colour order per view batch, standardised with the run's statistics."""
-    g, keys = torch.Generator().manual_seed(seed), range(views // 2)  # two views an item
-    batches = [[(i, hash((seed, i, k))) for i in b.tolist() for k in keys] for b in indices.split(chunk)]
-    for x0, v, p in tqdm(data.loader(ds, WORKERS, batches), 'views', len(batches), leave=False):
-        x0, v = x0[::len(keys)].to(device).float().div(255), v.to(device).float().div(255)
-        v = torch.stack([data.augment(v[:, j], p[:, j].to(device), data.jitter_order(g)) for j in (0, 1)], 1)
-        h = net(TF.normalize(torch.cat([x0, v.flatten(0, 1)]), *norm)).cpu()
-        yield h[:len(x0)], h[len(x0):].view(len(x0), views, -1), ((p - stats[0]) / stats[1]).view(len(x0), views, -1)
+    `chunk` at a time, their views made as training makes them (data.make_views): items (i, key) of ds (Images) made
+    in its workers, one colour order per view batch, the run's statistics."""
+    g, keys = data.generator(seed), range(views // 2)  # two views an item
+    batches = [[(i, (seed, i, k)) for i in b.tolist() for k in keys] for b in indices.split(chunk)]
+    for batch in tqdm(data.loader(ds, WORKERS, batches), 'views', len(batches), leave=False):
+        x0, v1, v2, a1, a2 = data.make_views(*(t.to(device) for t in batch), data.jitter_orders(g), norm, stats)
+        b = len(x0) // len(keys)
+        h = net(torch.cat([x0[::len(keys)], torch.stack([v1, v2], 1).flatten(0, 1)])).cpu()
+        yield h[:b], h[b:].view(b, views, -1), torch.stack([a1, a2], 1).view(b, views, -1).cpu()
 
 
 @torch.no_grad()
@@ -276,29 +273,25 @@ def score(batches, predictor, model):
     return {k: v.tolist() if torch.is_tensor(v) else v for k, v in out.items()}
 
 
-def training_images(name, root, split, size):
-    """A labelled split as training reads images (Images): x0 resized as training resizes it, views from the files."""
-    split = data.labelled(name, root, split, size)
-    return data.Images(split.source, split.labels, size)
-
-
-def analyze(args, net, size, norm, ckpt, views=16):
+def analyze(args, net, size, norm, model, ckpt, views=16):
     """Equivariance of any encoder's frozen features: a predictor fitted on a seeded sample of SAMPLE training images
     ranks each test view among `views` views of its image; `score` streams the test split. Views come from the files
-    as training's do, standardised with the run's statistics (computed from the data as training would if the
-    checkpoint has none)."""
-    run, model = ckpt.get('args', {}), None
-    if run.get('heads', 'simclr') != 'simclr':  # a train.py model with an equivariant head
-        model = STAR(run['arch'], run['heads'], run['experts']).eval()
-        load_weights(model, ckpt['model'], args.ckpt)
-    train_ds, test_ds = (training_images(args.dataset, args.data_dir, s, size) for s in ('train', 'test'))
-    stats = ckpt['stats'] if 'stats' in ckpt else data.param_stats(data.image_sizes(train_ds))
-    net, g = net.to(args.device).eval(), torch.Generator().manual_seed(0)
+    as training's do (x0 resized as training resizes it), standardised with the run's statistics (computed from the
+    data as training would if the checkpoint has none). `model`: a train.py model, scored if it has an equivariant
+    head."""
+    model = model.eval() if model is not None and model.equivariant else None
+    train_ds, test_ds = (data.labelled(args.dataset, args.data_dir, s, size, TF.InterpolationMode.BILINEAR)
+                         for s in ('train', 'test'))
+    if model and len(test_ds) <= 2 * EMBED:  # else the covariance of [z_inv, z_eq] is singular: some correlations are 1
+        fail(f'the CCA of z_inv and z_eq needs more than {2 * EMBED} test images; {args.dataset} has {len(test_ds)}')
+    stats = data.run_stats(train_ds, ckpt.get('stats'))
+    net, g = net.to(args.device).eval(), data.generator(0)
     sample = torch.randperm(len(train_ds), generator=g)[:SAMPLE]
     h0, h_v, a = (torch.cat(t) for t in zip(*view_features(net, train_ds, sample, norm, stats, args.device, views)))
     predictor = fit_predictor(h0, h_v, a)
     test = view_features(net, test_ds, torch.randperm(len(test_ds), generator=g), norm, stats, args.device, views)
-    return {'views': views, 'sample': len(sample), **score(test, predictor, model)}
+    scores = score(test, predictor, model)
+    return {'views': views, 'sample': len(sample), 'stats': [s.tolist() for s in stats], **scores}
 
 
 def draw_routing(result):
@@ -345,8 +338,6 @@ def table(task, rows):
 
 def summary(path):
     """One table per task of the latest result per row (a checkpoint, named with its hash) and column."""
-    if not os.path.isfile(path):
-        fail(f'no results file at {path}; run eval_linear.py on a checkpoint first, or give --results FILE')
     tables, bad = {}, 0
     with open(path, errors='replace') as f:
         for line in f:
@@ -356,9 +347,8 @@ def summary(path):
             except (ValueError, KeyError, TypeError, AttributeError):
                 bad += 1
     skipped = [f'skipped {bad} unreadable lines of {path}'] if bad else []
-    if not tables:
-        fail(f'no readable results in {path}{" (" + skipped[0] + ")" if bad else ""}; run eval_linear.py first')
-    return '\n\n'.join([table(task, rows) for task, rows in tables.items()] + skipped)
+    return '\n\n'.join([table(task, rows) for task, rows in tables.items()] + skipped) or f'{path} holds no results'
+
 
 
 def cells(r):
@@ -380,14 +370,14 @@ def main(argv=None):
     args = get_args(argv)
     if args.summary:
         return print(summary(args.results))
-    net, size, norm, ckpt = load_encoder(args.ckpt)
-    path = os.path.realpath(args.ckpt)
+    net, size, norm, model, ckpt = restore(args.ckpt)
+    path, data_dir = os.path.realpath(args.ckpt), os.path.realpath(args.data_dir)
     with open(path, 'rb') as f:
         digest = hashlib.file_digest(f, 'sha256').hexdigest()
     result = {'name': f'{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} {digest[:8]}',
               'dataset': args.dataset, 'image_size': size, 'norm': norm}
     if args.analyze:
-        result |= {'task': 'analysis', **analyze(args, net, size, norm, ckpt)}
+        result |= {'task': 'analysis', **analyze(args, net, size, norm, model, ckpt)}
     elif args.few_shot:
         f, y = few_shot_pool(args.dataset, features(args, net, size, norm))
         result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),
@@ -396,15 +386,17 @@ def main(argv=None):
         per_class = args.dataset in MEAN_PER_CLASS
         result |= {'task': 'linear', 'metric': 'mean-per-class' if per_class else 'top1',
                    **linear_probe(features(args, net, size, norm), args.dataset, per_class, args.device)}
-    result |= {'ckpt': path, 'ckpt_sha256': digest, 'data_dir': os.path.realpath(args.data_dir), 'args': vars(args)}
-    if args.analyze and ckpt.get('args', {}).get('heads') == 'star':  # named as its row of the summary table is
-        result['routing_png'] = os.path.join(os.path.dirname(args.results), f'routing-{digest[:8]}-{args.dataset}.png')
-    print(readable(result))
-    with open(args.results, 'a') as f:
+    result |= {'ckpt': path, 'ckpt_sha256': digest, 'data_dir': data_dir, 'args': vars(args)}
+    if args.analyze and model and model.heads.routed:  # named by what it shows: checkpoint, data set, data folder
+        shown = hashlib.sha256(f'{args.dataset}\n{data_dir}'.encode(errors='surrogateescape')).hexdigest()[:8]
+        result['routing_png'] = os.path.join(os.path.dirname(args.results), f'routing-{digest[:8]}-{shown}.png')
+    with open(args.results, 'a') as f:  # the result is kept before anything is printed or drawn
         f.write(json.dumps(result) + '\n')
-    if 'routing_png' in result:  # drawn once the result is kept
+    print(readable(result))
+    if 'routing_png' in result:
         draw_routing(result)
 
 
 if __name__ == '__main__':
+    sys.stdout.reconfigure(errors='surrogateescape')  # a path's bytes print as they are, in any locale
     main()

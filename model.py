@@ -1,6 +1,7 @@
 """The method's modules: encoder f, experts E_k, soft task-aware routers, head variants, psi and phi; reading the
 checkpoints that hold them and restoring an encoder from any layout read."""
 import os
+import pickle
 
 import torch
 import torch.nn as nn
@@ -10,6 +11,7 @@ from data import PRETRAIN, fail
 
 EMBED = 128  # the embedding size of every head
 N_PARAMS = 11  # the augmentation parameter vector a (data.FIELDS)
+RUN_KEYS = {'model', 'optimizer', 'epoch', 'args', 'log'}  # what every ckpt.pt holds (train.save_epoch)
 
 
 def encoder(arch, bn=None):
@@ -57,8 +59,8 @@ class Heads(nn.Module):
 
     def __init__(self, variant, d, n_experts=16, bn=nn.BatchNorm1d):
         super().__init__()
-        self.variant = variant
-        if variant == 'star':
+        self.routed = variant == 'star'  # soft task-aware routers; fixed mixing weights for the baselines
+        if self.routed:
             self.router_inv, self.router_eq = nn.Linear(d, n_experts), nn.Linear(d, n_experts)
         else:
             self.register_buffer('mix', torch.tensor(FIXED[variant]))
@@ -67,7 +69,7 @@ class Heads(nn.Module):
 
     def routing(self, h):
         """Routing weights s over the experts (B x N each): s_inv = softmax(R_inv(h)), s_eq = softmax(R_eq(h))."""
-        if self.variant == 'star':
+        if self.routed:
             return [self.router_inv(h).softmax(1), self.router_eq(h).softmax(1)]
         return [m.expand(len(h), -1) for m in self.mix]
 
@@ -132,43 +134,31 @@ def save(obj, path):
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f'no checkpoint at {path}; check the path (train.py writes OUT_DIR/ckpt.pt)')
+    """torch.load of weights only. A file it cannot unpickle as weights (a whole pickled model, or not a torch file)
+    ends in one line: torch's own error advises weights_only=False, which would run what the file holds."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # 'Unsupported global': torch read the file, but it names code to run
-        fail(f'{path} holds pickled objects, not only weights (a whole model?): save its state_dict() instead'
-             if 'Unsupported global' in str(e) else
-             f'{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or not a torch file')
-    if not isinstance(ckpt, dict):
-        fail(f'{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of weights)')
-    return ckpt
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        fail(f'{path} holds no weights torch reads safely (a whole pickled model? no torch file?): save a state_dict')
 
 
-def load_weights(module, state, path):
-    """module.load_state_dict(state), or one line when the checkpoint's weights do not fit the module."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError):
-        fail(f'the weights in {path} do not fit this model (another architecture, heads or version of this code)')
-
-
-def load_encoder(path):
-    """(encoder, image size, normalisation, checkpoint) from any layout read. An encoder that records no image size
-    and normalisation takes those of the paper's pretraining of its architecture: STL-10 for a ResNet-18, ImageNet-100
-    for a ResNet-50."""
+def restore(path):
+    """(encoder, image size, normalisation, model, checkpoint) of any layout read; model: the whole STAR of a train.py
+    ckpt.pt, else None. An encoder that records no normalisation takes the image size and normalisation of the paper's
+    pretraining of its data set, or of its architecture: STL-10 for a ResNet-18, ImageNet-100 for a ResNet-50."""
     ckpt = load_checkpoint(path)
-    state, size, norm = ckpt.get('backbone', ckpt), ckpt.get('image_size'), ckpt.get('norm')
-    if 'model' in ckpt and 'args' in ckpt:  # train.py's ckpt.pt
-        size = ckpt['args']['image_size']
-        state = {k.removeprefix('encoder.'): v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
-    state = {k.removeprefix('module.'): v for k, v in state.items() if not k.startswith('fc.')}
-    arch = 'resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18'
-    net, _ = encoder(arch)
-    load_weights(net, state, path)
-    if not size:
+    size, norm, model, run = ckpt.get('image_size'), ckpt.get('norm'), None, ckpt.get('args')
+    if RUN_KEYS <= ckpt.keys():  # train.py's ckpt.pt
+        model = STAR(run['arch'], run['heads'], run['experts'])
+        model.load_state_dict(ckpt['model'])
+        net, size, pretrained = model.encoder, run['image_size'], run['dataset']
+    else:  # encoder.pt, an official {'backbone': ...} or a bare ResNet state dict
+        state = {k.removeprefix('module.'): v for k, v in ckpt.get('backbone', ckpt).items() if not k.startswith('fc.')}
+        arch = 'resnet50' if 'layer1.0.conv3.weight' in state else 'resnet18'
+        net, _ = encoder(arch)
+        net.load_state_dict(state)
         pretrained = 'imagenet100' if arch == 'resnet50' else 'stl10'
-        size, norm = PRETRAIN[pretrained]
-        print(f'{path} records no image size: probed as a {arch} pretrained on {pretrained}, at {size} px (an '
-              f'encoder.pt {{"backbone": ..., "image_size": ..., "norm": ...}} records its own)')
-    return net, size, norm, ckpt
+    if not norm:
+        size, norm = size or PRETRAIN[pretrained][0], PRETRAIN[pretrained][1]
+        print(f'{path} records no normalisation: probed as pretrained on {pretrained} ({size} px, mean, std {norm})')
+    return net, size, norm, model, ckpt

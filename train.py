@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import torch
@@ -17,7 +18,7 @@ from tqdm import tqdm
 import data
 from data import fail
 from losses import gather, nt_xent
-from model import STAR, load_checkpoint, load_weights, save
+from model import RUN_KEYS, STAR, load_checkpoint, save
 
 # Flags a resumed run may change (each change is printed); every other flag must match the checkpoint's.
 RESUMABLE = ('epochs', 'lr', 'wd', 'data_dir', 'out_dir', 'device', 'precision', 'eval_interval', 'save_every',
@@ -27,14 +28,14 @@ RUN_FILES = re.compile(r'(ckpt|encoder(-\d+)?)\.pt(\.tmp)?|log\.jsonl|views\.png
 
 def get_args(argv=None):
     p = data.parser(__doc__)
-    p.add_argument('--dataset', choices=['stl10', 'imagenet100', 'folder'], default='stl10', help='stl10: '
-                   'train+unlabeled, 105k images (downloaded when online); imagenet100: 100 classes; folder: any image')
+    p.add_argument('--dataset', choices=['stl10', 'imagenet100', 'folder'], default='stl10', help='stl10: its '
+                   'train+unlabeled, 105k images (downloaded when online); imagenet100: 100 classes; folder: any')
     p.add_argument('--data-dir', default='data', help='holds stl10_binary/; or an ImageNet root (train/, val/ of '
                    'class-id folders); or the images, all below it or below its train/')
     p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt, log.jsonl, views.png')
     p.add_argument('--arch', choices=['resnet18', 'resnet50'], default='resnet18', help='torchvision encoder')
-    p.add_argument('--heads', choices=['star', 'shared', 'separate', 'simclr'], default='star', help='star: N soft-'
-                   'routed experts; shared: STAR-SS; separate: EquiMod-style; simclr: one head, no equivariant task')
+    p.add_argument('--heads', choices=['star', 'shared', 'separate', 'simclr'], default='star',
+                   help='star: N soft-routed experts; shared: STAR-SS; separate: EquiMod; simclr: no equivariant task')
     p.add_argument('--experts', type=int, help='number of experts N of --heads star (16 if not given)')
     p.add_argument('--eq-weight', type=float, help='lambda in L = L_inv + lambda L_eq (1 if not given)')
     p.add_argument('--tau', type=float, default=0.2, help='NT-Xent temperature of both losses')
@@ -44,34 +45,25 @@ def get_args(argv=None):
     p.add_argument('--lr', type=float, default=0.03, help='SGD learning rate per 256 images (lr * batch / 256 is used)')
     p.add_argument('--wd', type=float, default=5e-4, help='weight decay on all parameters')
     p.add_argument('--image-size', type=int, help='side of x0 and the views (if not given: 96 for stl10, else 224)')
-    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='DataLoader processes per '
-                   'training process that read, decode and crop the images; 0: in the training process')
+    p.add_argument('--workers', type=int, default=data.WORKERS, help='DataLoader processes that read and crop images')
     p.add_argument('--seed', type=int, default=0, help='initialisation, sample order and every augmentation follow it')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
-    p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help="fp32 as the authors train; bf16: "
-                   "autocast of the forward pass, faster on recent GPUs")
-    p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs, train -> test '
-                   '(stl10) or val (imagenet100); 0: never')
+    p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16: autocast the forward pass')
+    p.add_argument('--eval-interval', type=int, default=10, help='epochs between 1-NN monitor runs; 0: never')
     run = p.add_mutually_exclusive_group()
     run.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its ckpt.pt')
     run.add_argument('--overwrite', action='store_true', help='start afresh in an --out-dir that holds a run')
     args = p.parse_args(argv)
-    if args.experts is not None and args.heads != 'star':
-        fail(f'--experts sets N for --heads star; --heads {args.heads} has fixed experts (drop --experts)')
-    if args.eq_weight is not None and args.heads == 'simclr':
-        fail('--eq-weight weighs L_eq, which --heads simclr does not have (drop --eq-weight)')
+    for flag, acts in {'experts': args.heads == 'star', 'eq_weight': args.heads != 'simclr'}.items():
+        if getattr(args, flag) is not None and not acts:
+            fail(f'--{flag.replace("_", "-")} has no effect with --heads {args.heads}: drop it')
     data_dir = os.path.realpath(args.data_dir)
     if args.dataset == 'folder' and os.path.commonpath([os.path.realpath(args.out_dir), data_dir]) == data_dir:
         fail(f'--out-dir {args.out_dir} is inside --data-dir: its files would become training images; move it out')
     args.experts = (16 if args.experts is None else args.experts) if args.heads == 'star' else None
-    if args.image_size is None:
-        args.image_size = 96 if args.dataset == 'stl10' else 224
+    args.image_size = data.PRETRAIN[args.dataset][0] if args.image_size is None else args.image_size
     args.eq_weight = (1.0 if args.eq_weight is None else args.eq_weight) if args.heads != 'simclr' else 0.0
-    inf = math.inf
-    data.require(args, {'batch_size': (2, inf), 'experts': (2, inf), 'image_size': (32, 1024), 'epochs': (1, inf),
-                   'save_every': (0, inf), 'eval_interval': (0, inf), 'workers': (0, 256), 'eq_weight': (0, inf),
-                   'wd': (0, inf), 'seed': (0, 2 ** 63 - 1), 'lr': (0, inf), 'tau': (0, inf)}, above=('lr', 'tau'))
-    data.check_device(args.device)
+    data.require(args, {'batch_size': 2, 'experts': 1, 'image_size': 1, 'epochs': 1, 'save_every': 0,
+                        'eval_interval': 0, 'eq_weight': 0}, above=('tau',))
     return args
 
 
@@ -138,10 +130,8 @@ def open_run(args, rank):
         fail(f'{args.out_dir} holds a run ({", ".join(files)}): continue it (--resume) or replace it (--overwrite)')
     if not args.resume:
         return None
-    if not os.path.exists(path):
-        fail(f'nothing to resume: {args.out_dir} has no ckpt.pt (no epoch ended); start afresh with --overwrite')
-    ckpt = load_checkpoint(path)
-    if not {'model', 'optimizer', 'epoch', 'args', 'log'} <= ckpt.keys():
+    ckpt = load_checkpoint(path)  # FileNotFoundError: no epoch has ended
+    if not RUN_KEYS <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
     trained, here = ckpt['args'], vars(args)
     changed = {k: (trained.get(k), here.get(k)) for k in sorted(trained.keys() | here.keys())
@@ -158,11 +148,8 @@ def open_run(args, rank):
 def own(out_dir):
     """Make --out-dir and hold the lock of its .lock file while this process lives (the system releases it however
     the process ends, and DataLoader workers do not inherit it): a second train.py on the folder ends in one line."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, '.lock'), 'a+')  # the test of a writable folder, as a run will write there
-    except OSError as e:
-        fail(f'cannot write to --out-dir {out_dir} ({e.strerror}); choose a writable folder')
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, '.lock'), 'a+')  # OSError names a folder a run cannot write in
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -178,25 +165,20 @@ def run_files(out_dir):
 
 
 def load_data(args):
-    """The pretraining images (Images), their normalisation, and the labelled (train, test) splits of the 1-NN monitor
-    (None for a folder)."""
+    """The pretraining images (Images) and the labelled (train, test) splits of the 1-NN monitor (None for a
+    folder)."""
     size, rank = args.image_size, int(os.environ.get('RANK', 0))
     splits = [] if args.dataset == 'folder' else ['train', 'test']
     monitor = [data.labelled(args.dataset, args.data_dir, s, size) for s in splits] or None
     if args.dataset == 'stl10':
-        return data.Images(*data.stl10(args.data_dir, 'train+unlabeled', size), size), data.STL10_NORM, monitor
-    if args.dataset == 'imagenet100':
-        paths, labels = monitor[0].source, monitor[0].labels  # listed once: the monitor's train split is this one
-    else:
-        root = os.path.join(args.data_dir, 'train')
-        root = root if os.path.isdir(root) else args.data_dir
-        if root != args.data_dir and rank == 0:
-            print(f'pretraining on {root} only: {args.data_dir} holds other splits beside it')
-        paths = data.list_images(root)
-        if not paths:
-            fail(f'no images ({", ".join(data.EXTENSIONS)}) below {root}; point --data-dir at a folder of images')
-        labels = torch.full((len(paths),), -1)
-    return data.Images(paths, labels, size), data.IMAGENET_NORM, monitor
+        return data.Images(*data.stl10(args.data_dir, 'train+unlabeled', size), size), monitor
+    if args.dataset == 'imagenet100':  # listed once: the monitor's train split is this one
+        return data.Images(monitor[0].source, monitor[0].labels, size), monitor
+    root = os.path.join(args.data_dir, 'train')
+    root = root if os.path.isdir(root) else args.data_dir
+    if root != args.data_dir and rank == 0:
+        print(f'pretraining on {root} only: {args.data_dir} holds other splits beside it')
+    return data.Images(*data.image_folder(root, ['']), size), monitor
 
 
 def steps(n, args, start, rank, world):
@@ -205,17 +187,16 @@ def steps(n, args, start, rank, world):
     Views thus differ from epoch to epoch, and a resumed run, or one over more processes, draws those of an
     uninterrupted one."""
     for epoch in range(start, args.epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(hash((args.seed, epoch)))).tolist()
+        perm = torch.randperm(n, generator=data.generator((args.seed, epoch))).tolist()
         for step in range(n // args.batch_size):
             slots = shard(range(step * args.batch_size, (step + 1) * args.batch_size), rank, world)
-            yield [(perm[s], hash((args.seed, epoch, s))) for s in slots]
+            yield [(perm[s], (args.seed, epoch, s)) for s in slots]
 
 
 def step_orders(args, epoch, step):
     """The colour orders (2 x 4) of a step's two view batches, a function of (seed, epoch, step): a key of four numbers,
     so no view of the epoch (keyed by three) shares its stream."""
-    g = torch.Generator().manual_seed(hash((args.seed, epoch, step, 0)))
-    return torch.stack([data.jitter_order(g) for _ in range(2)])
+    return data.jitter_orders(data.generator((args.seed, epoch, step, 0)))
 
 
 def stop(what, epoch, flag):
@@ -244,9 +225,8 @@ def train_epoch(net, opt, batches, epoch, args, run):
         if not terms.isfinite().all():
             names = ['L_inv', 'L_eq', f'L_inv + {args.eq_weight:g} L_eq']
             bad = ', '.join(f'{n} {v:.4g}' for n, v in zip(names, terms.tolist()) if not math.isfinite(v))
-            lower = '--lr or --eq-weight' if args.eq_weight > 1 else '--lr'
-            flag = '--eq-weight' if terms[:2].isfinite().all() else lower
-            stop(f'non-finite loss at epoch {epoch + 1} step {step + 1} ({bad})', epoch, flag)
+            stop(f'non-finite loss at epoch {epoch + 1} step {step + 1} ({bad})', epoch,
+                 '--lr or --eq-weight' if args.eq_weight > 1 else '--lr')
         # update
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,30 +241,24 @@ def train_epoch(net, opt, batches, epoch, args, run):
 def main(argv=None):
     args = get_args(argv)
     world, rank, device = start_processes(args)
-    lock = own(args.out_dir) if rank == 0 else None
-    ckpt = open_run(args, rank)
-    try:
-        pretrain(args, ckpt, world, rank, device)
-    except KeyboardInterrupt:
-        fail('interrupted; continue with --resume' if os.path.exists(os.path.join(args.out_dir, 'ckpt.pt')) else
-             'interrupted before the first epoch ended: nothing to resume; start again with --overwrite')
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-        if lock:
-            lock.close()
+    with own(args.out_dir) if rank == 0 else open(os.devnull):  # the lock on --out-dir, held while the run goes on
+        pretrain(args, open_run(args, rank), world, rank, device)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def pretrain(args, ckpt, world, rank, device):
     start, history = (ckpt['epoch'], ckpt['log']) if ckpt else (0, [])
     if start >= args.epochs:
         return print(f'{args.out_dir}: the run is finished ({start} of {args.epochs} epochs); raise --epochs to go on')
-    images, norm, monitor = load_data(args)
+    images, monitor = load_data(args)
+    norm = data.PRETRAIN[args.dataset][1]
     per_epoch = len(images) // args.batch_size
     if per_epoch == 0:
         fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
     # the statistics that standardise a: a resumed run keeps those it started with, whatever --data-dir holds now
-    stats = ckpt['stats'] if ckpt and 'stats' in ckpt else data.param_stats(data.image_sizes(images))
+    kept = ckpt.get('stats') if ckpt else None
+    stats = data.run_stats(images, kept)
     run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': stats, 'steps': per_epoch}
 
     # model, optimiser, and the state to resume from
@@ -295,7 +269,7 @@ def pretrain(args, ckpt, world, rank, device):
     model = model.to(memory_format=torch.channels_last) if device.type == 'cuda' else model
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
     if ckpt:
-        load_weights(model, ckpt['model'], os.path.join(args.out_dir, 'ckpt.pt'))
+        model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
     net = DistributedDataParallel(model) if world > 1 else model
     batches = iter(data.loader(images, args.workers, steps(len(images), args, start, rank, world)))
@@ -303,7 +277,8 @@ def pretrain(args, ckpt, world, rank, device):
         prepare_out_dir(args, images)
         what = f'resuming from epoch {start} of {args.epochs}' if ckpt else f'starting a run of {args.epochs} epochs'
         print(f'{what}: {args.dataset}, {len(images)} images of {args.image_size} px, {per_epoch} steps of '
-              f'{args.batch_size} per epoch, {device} ({args.precision}), {world} process(es), into {args.out_dir}')
+              f'{args.batch_size} per epoch, {device} ({args.precision}), {world} process(es), into {args.out_dir}; '
+              f'a standardised with {"the statistics kept in ckpt.pt" if kept else "statistics of these images"}')
 
     t_start = time.time()
     for epoch in range(start, args.epochs):
@@ -330,11 +305,9 @@ def pretrain(args, ckpt, world, rank, device):
 def prepare_out_dir(args, images):
     """Before the first step: --overwrite removes every file of the run it replaces (only now, so a run that cannot
     start loses nothing); views.png."""
-    removed = run_files(args.out_dir) if args.overwrite else []
-    for f in removed:
+    for f in run_files(args.out_dir) if args.overwrite else []:
         os.remove(os.path.join(args.out_dir, f))
-    if removed:
-        print(f'--overwrite: removed {", ".join(removed)} of the run in {args.out_dir}')
+        print(f'--overwrite: removed {os.path.join(args.out_dir, f)} of the run it replaces')
     data.show_views(images, os.path.join(args.out_dir, 'views.png'))
 
 
@@ -353,4 +326,5 @@ def save_epoch(model, opt, history, args, run):
 
 
 if __name__ == '__main__':
+    sys.stdout.reconfigure(errors='surrogateescape')  # a path's bytes print as they are, in any locale
     main()
