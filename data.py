@@ -65,10 +65,9 @@ def generator(key):
 
 
 def resize_crop(images, size, mode=TF.InterpolationMode.BICUBIC):
-    """Resize the shorter side to `size` (antialiased) and centre-crop to size x size; uint8 in, uint8 out."""
-    if images.shape[-2:] != (size, size):
-        images = TF.center_crop(TF.resize(images, size, mode, antialias=True), size)
-    return images
+    """Resize the shorter side to `size` (antialiased) and centre-crop to size x size; uint8 in, uint8 out (an image
+    of that size is returned as it is)."""
+    return TF.center_crop(TF.resize(images, size, mode, antialias=True), size)
 
 
 def fetch(download, where):

@@ -25,8 +25,7 @@ HOLD_OUT = {'cifar10': (45000, 5000, 43), 'cifar100': (45000, 5000, 44), 'food10
 MEAN_PER_CLASS = {'pets', 'flowers102', 'caltech101', 'aircraft'}
 WEIGHTS = torch.logspace(-6, 5, 45)  # the L2 weights w searched on the validation split
 SAMPLE = 5000  # training images the analysis fits its frozen predictor on: a seeded sample, the same for every run
-ANALYSIS_COLUMNS = ['cca', 'mrr', 'hit1', 'hit5', 'pre', 'frozen_mrr', 'frozen_hit1', 'frozen_hit5',
-                    'frozen_pre']
+ANALYSIS_COLUMNS = ['cca', 'mrr', 'hit1', 'hit5', 'pre', 'frozen_mrr', 'frozen_hit1', 'frozen_hit5', 'frozen_pre']
 SHOWN = ['accuracy', 'ci95', 'metric', 'w', 'val_accuracy', 'splits', 'episodes', 'pool', 'sample',
          *ANALYSIS_COLUMNS, 'routing_png']
 
@@ -36,7 +35,8 @@ def get_args(argv=None):
     p.add_argument('--ckpt', help="train.py's ckpt.pt or encoder.pt, or an official checkpoint ({'backbone': ...})")
     p.add_argument('--dataset', help=f'stl10, imagenet100, sun397, {", ".join(TORCHVISION)}; any other name is an '
                                      'image folder (--data-dir with train/, test/ of class folders: mit67, cars, ...)')
-    p.add_argument('--data-dir', help='torchvision root (downloads there when online) or image folder (default: data)')
+    p.add_argument('--data-dir', help='torchvision root (downloaded into when online) or image folder (data if not '
+                   'given)')
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
     p.add_argument('--episodes', type=int, help='few-shot episodes (2000 if not given)')
     p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; of a ckpt.pt with an '

@@ -28,8 +28,8 @@ RUN_FILES = re.compile(r'(ckpt|encoder(-\d+)?)\.pt(\.tmp)?|log\.jsonl|views\.png
 
 def get_args(argv=None):
     p = data.parser(__doc__)
-    p.add_argument('--dataset', choices=['stl10', 'imagenet100', 'folder'], default='stl10', help='stl10: its '
-                   'train+unlabeled, 105k images (downloaded when online); imagenet100: 100 classes; folder: any')
+    p.add_argument('--dataset', choices=['stl10', 'imagenet100', 'folder'], default='stl10', help='stl10: '
+                   'train+unlabeled, 105k images (downloaded when online); imagenet100: 100 classes; folder: images')
     p.add_argument('--data-dir', default='data', help='holds stl10_binary/; or an ImageNet root (train/, val/ of '
                    'class-id folders); or the images, all below it or below its train/')
     p.add_argument('--out-dir', default='out', help='ckpt.pt (resumable), encoder.pt, log.jsonl, views.png')
