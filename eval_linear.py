@@ -288,10 +288,9 @@ def analyze(args, net, size, norm, model, ckpt, views=16):
     net, g = net.to(args.device).eval(), data.generator(0)
     sample = torch.randperm(len(train_ds), generator=g)[:SAMPLE]
     h0, h_v, a = (torch.cat(t) for t in zip(*view_features(net, train_ds, sample, norm, stats, args.device, views)))
-    predictor = fit_predictor(h0, h_v, a)
+    frozen = fit_predictor(h0, h_v, a)  # the predictor of the frozen features
     test = view_features(net, test_ds, torch.randperm(len(test_ds), generator=g), norm, stats, args.device, views)
-    scores = score(test, predictor, model)
-    return {'views': views, 'sample': len(sample), 'stats': [s.tolist() for s in stats], **scores}
+    return {'views': views, 'sample': len(sample), 'stats': torch.stack(stats).tolist(), **score(test, frozen, model)}
 
 
 def draw_routing(result):

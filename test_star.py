@@ -669,7 +669,7 @@ def test_one_step_moves_the_weights_linearly_in_lambda(tmp_path):
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     args = train.get_args(['--batch-size', '8', '--experts', '2', '--image-size', '32', '--out-dir', str(tmp_path),
                            '--epochs', '1'])
-    run = {'rank': 0, 'world': 1, 'device': torch.device('cpu'), 'norm': data.STL10_NORM, 'steps': 1,
+    run = {'rank': 0, 'device': torch.device('cpu'), 'norm': data.STL10_NORM, 'steps': 1,
            'stats': data.param_stats(square(32), n=1000)}
     ds = data.Images(images, torch.zeros(8), 32)
     after = []
@@ -2250,7 +2250,7 @@ def test_a_checkpoint_that_records_no_normalisation_takes_its_data_sets(trained,
 def test_paths_whose_bytes_are_not_utf8_print_and_the_result_is_kept(stl, trained, tmp_path):
     odd = os.path.join(os.fsencode(tmp_path), b'r\xffn')
     shutil.copytree(os.path.dirname(trained), os.fsdecode(odd))
-    env = {**os.environ, 'LC_ALL': 'C.UTF-8', 'PYTHONIOENCODING': ''}
+    env = {**os.environ, 'PYTHONIOENCODING': 'utf-8:strict'}  # stdout as a UTF-8 locale's, strict
     ckpt = os.path.join(odd, b'ckpt.pt')
     results = str(tmp_path / 'r.jsonl')
     probe = subprocess.run([sys.executable, b'eval_linear.py', b'--ckpt', ckpt, b'--dataset', b'stl10', b'--data-dir',

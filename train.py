@@ -208,7 +208,7 @@ def stop(what, epoch, flag):
 def train_epoch(net, opt, batches, epoch, args, run):
     """One epoch of `batches` (the loader's, of steps); returns the mean loss terms, the learning rate and each
     router's mean weights."""
-    rank, world, n = run['rank'], run['world'], run['steps']
+    rank, n = run['rank'], run['steps']
     sums, routing, lr = torch.zeros(2), 0, lr_at(args, epoch)
     for group in opt.param_groups:  # the schedule: constant within an epoch
         group['lr'] = lr
@@ -218,10 +218,7 @@ def train_epoch(net, opt, batches, epoch, args, run):
         l_inv, l_eq, out = objective(net, batch, step_orders(args, epoch, step), run, args)
         loss = l_inv + args.eq_weight * l_eq
         # stop on a non-finite loss, before anything of this epoch is saved
-        terms = torch.stack([l_inv, l_eq, loss]).detach()
-        if world > 1:
-            dist.all_reduce(terms)
-        terms = terms.cpu() / world
+        terms = gather(torch.stack([l_inv, l_eq, loss]).detach()[None]).mean(0).cpu()  # the mean over processes
         if not terms.isfinite().all():
             names = ['L_inv', 'L_eq', f'L_inv + {args.eq_weight:g} L_eq']
             bad = ', '.join(f'{n} {v:.4g}' for n, v in zip(names, terms.tolist()) if not math.isfinite(v))
@@ -252,14 +249,13 @@ def pretrain(args, ckpt, world, rank, device):
     if start >= args.epochs:
         return print(f'{args.out_dir}: the run is finished ({start} of {args.epochs} epochs); raise --epochs to go on')
     images, monitor = load_data(args)
-    norm = data.PRETRAIN[args.dataset][1]
     per_epoch = len(images) // args.batch_size
     if per_epoch == 0:
         fail(f'--batch-size {args.batch_size} is larger than the data set ({len(images)} images)')
     # the statistics that standardise a: a resumed run keeps those it started with, whatever --data-dir holds now
     kept = ckpt.get('stats') if ckpt else None
-    stats = data.run_stats(images, kept)
-    run = {'world': world, 'rank': rank, 'device': device, 'norm': norm, 'stats': stats, 'steps': per_epoch}
+    run = {'rank': rank, 'device': device, 'norm': data.PRETRAIN[args.dataset][1],
+           'stats': data.run_stats(images, kept), 'steps': per_epoch}
 
     # model, optimiser, and the state to resume from
     torch.manual_seed(args.seed)
@@ -292,7 +288,7 @@ def pretrain(args, ckpt, world, rank, device):
             continue
         log['images_per_s'] = per_epoch * args.batch_size / (time.time() - t0)
         if monitor and args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs):
-            log['knn_top1'] = knn_top1(*(data.encode(model.encoder, data.loader(ds, args.workers), norm, device)
+            log['knn_top1'] = knn_top1(*(data.encode(model.encoder, data.loader(ds, args.workers), run['norm'], device)
                                          for ds in monitor))
         eta = (time.time() - t_start) / (epoch + 1 - start) * (args.epochs - epoch - 1)
         print(f'epoch {epoch + 1}/{args.epochs}  L_inv {log["loss_inv"]:.4f}  L_eq {log["loss_eq"]:.4f}  '
