@@ -349,7 +349,6 @@ def summary(path):
     return '\n\n'.join([table(task, rows) for task, rows in tables.items()] + skipped) or f'{path} holds no results'
 
 
-
 def cells(r):
     """{(task, row, column): value} of one result; a probe's column is its data set and metric."""
     if r['task'] == 'analysis':
