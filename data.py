@@ -41,6 +41,7 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 def parser(description):
     """argparse whose own errors (a mistyped flag, a value of the wrong type) end in one line and exit 1 too; flags
     are spelled in full. Both scripts take --device (torch names a device it cannot use)."""
+    sys.stdout.reconfigure(errors='surrogateescape')  # both print paths: their bytes print as they are, in any locale
     p = argparse.ArgumentParser(description=description, formatter_class=Help, allow_abbrev=False)
     p.error = lambda message: fail(f'{message} (see --help)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')
@@ -385,7 +386,6 @@ def render(x0, views, p, orders):
 def make_views(x0, views, p, orders, norm, stats):
     """The pairing the method needs from a batch of training items: x0 and views v1, v2 normalised, and the views'
     parameters a1, a2 standardised with the run's statistics (mean, std)."""
-    p = p.to(x0.device)
     x0, views = (TF.normalize(t, *norm) for t in render(x0, views, p, orders))
     a = (p - stats[0].to(p.device)) / stats[1].to(p.device)
     return x0, views[:, 0], views[:, 1], a[:, 0], a[:, 1]

@@ -5,9 +5,7 @@
   the table:     python eval_linear.py --summary"""
 import hashlib
 import json
-import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -181,21 +179,19 @@ def episodes(labels, n, k, queries, ways=5, seed=0):
             way.repeat_interleave(queries))
 
 
-def few_shot_pool(name, feats):
-    """AugSelf's episode pool: the test split for FC100, every split for the others (CUB-200: train + test)."""
+def few_shot(feats, name, k, n, device, queries=16, chunk=100):
+    """Mean accuracy and 95% interval (1.96 std / sqrt(n)) of n 5-way k-shot episodes, `chunk` fitted at once, drawn
+    from AugSelf's episode pool: the test split for FC100, every split for the others (CUB-200: train + test)."""
     pool = ['test'] if name == 'fc100' else list(feats)
-    return torch.cat([feats[s][0] for s in pool]), torch.cat([feats[s][1] for s in pool])
-
-
-def few_shot(f, y, k, n, device, queries=16, chunk=100):
-    """Mean accuracy and 95% interval (1.96 std / sqrt(n)) of n 5-way k-shot episodes, `chunk` fitted at once."""
+    f, y = (torch.cat([feats[s][j] for s in pool]) for j in (0, 1))
     support, query, ys, yq = episodes(y, n, k, queries)
     f, acc = f.to(device), []
     for s, q in zip(support.split(chunk), query.split(chunk)):
         theta = one_vs_rest(f[s], ys.expand(len(s), -1).to(device), 5)
         acc.append((classify(theta, f[q]) == yq.to(device)).float().mean(1).cpu())
     acc = torch.cat(acc)
-    return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std(correction=0).item() / math.sqrt(n)}
+    return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std(correction=0).item() / n ** 0.5,
+            'pool': len(y)}
 
 
 def cca(cov, k, ridge=1e-6):
@@ -377,9 +373,8 @@ def main(argv=None):
     if args.analyze:
         result |= {'task': 'analysis', **analyze(args, net, size, norm, model, ckpt)}
     elif args.few_shot:
-        f, y = few_shot_pool(args.dataset, features(args, net, size, norm))
-        result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes, 'pool': len(y),
-                   **few_shot(f, y, args.few_shot, args.episodes, args.device)}
+        result |= {'task': f'5-way {args.few_shot}-shot', 'episodes': args.episodes,
+                   **few_shot(features(args, net, size, norm), args.dataset, args.few_shot, args.episodes, args.device)}
     else:
         per_class = args.dataset in MEAN_PER_CLASS
         result |= {'task': 'linear', 'metric': 'mean-per-class' if per_class else 'top1',
@@ -396,5 +391,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.stdout.reconfigure(errors='surrogateescape')  # a path's bytes print as they are, in any locale
     main()

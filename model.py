@@ -7,10 +7,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from data import PRETRAIN, fail
+from data import FIELDS, PRETRAIN, fail
 
 EMBED = 128  # the embedding size of every head
-N_PARAMS = 11  # the augmentation parameter vector a (data.FIELDS)
 RUN_KEYS = {'model', 'optimizer', 'epoch', 'args', 'log'}  # what every ckpt.pt holds (train.save_epoch)
 
 
@@ -86,7 +85,7 @@ class Shift(nn.Module):
 
     def __init__(self, d=EMBED, bn=nn.BatchNorm1d):
         super().__init__()
-        self.psi = nn.Linear(N_PARAMS, d)
+        self.psi = nn.Linear(len(FIELDS), d)  # a: the 11 fields of data.FIELDS
         self.phi = Experts(1, 2 * d, d, hidden=512, bn=bn)  # an expert-shaped MLP with 512 hidden units
 
     def forward(self, z0, a):

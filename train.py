@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 import torch
@@ -220,10 +219,8 @@ def train_epoch(net, opt, batches, epoch, args, run):
         # stop on a non-finite loss, before anything of this epoch is saved
         terms = gather(torch.stack([l_inv, l_eq, loss]).detach()[None]).mean(0).cpu()  # the mean over processes
         if not terms.isfinite().all():
-            names = ['L_inv', 'L_eq', f'L_inv + {args.eq_weight:g} L_eq']
-            bad = ', '.join(f'{n} {v:.4g}' for n, v in zip(names, terms.tolist()) if not math.isfinite(v))
-            stop(f'non-finite loss at epoch {epoch + 1} step {step + 1} ({bad})', epoch,
-                 '--lr or --eq-weight' if args.eq_weight > 1 else '--lr')
+            stop(f'non-finite loss at epoch {epoch + 1} step {step + 1} (L_inv {terms[0]:.4g}, L_eq {terms[1]:.4g}, '
+                 f'L {terms[2]:.4g})', epoch, '--lr or --eq-weight' if args.eq_weight > 1 else '--lr')
         # update
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,5 +319,4 @@ def save_epoch(model, opt, history, args, run):
 
 
 if __name__ == '__main__':
-    sys.stdout.reconfigure(errors='surrogateescape')  # a path's bytes print as they are, in any locale
     main()
