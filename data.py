@@ -41,7 +41,8 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 def parser(description):
     """argparse whose own errors (a mistyped flag, a value of the wrong type) end in one line and exit 1 too; flags
     are spelled in full. Both scripts take --device (torch names a device it cannot use)."""
-    sys.stdout.reconfigure(errors='surrogateescape')  # both print paths: their bytes print as they are, in any locale
+    if hasattr(sys.stdout, 'reconfigure'):  # a console (a notebook's stream has none): a path's bytes print as they are
+        sys.stdout.reconfigure(errors='surrogateescape')
     p = argparse.ArgumentParser(description=description, formatter_class=Help, allow_abbrev=False)
     p.error = lambda message: fail(f'{message} (see --help)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu, cuda or cuda:N')

@@ -2271,6 +2271,11 @@ def test_paths_whose_bytes_are_not_utf8_print_and_the_result_is_kept(stl, traine
     assert finished.returncode == 0 and b'r\xffn: the run is finished' in finished.stdout, finished.stderr
 
 
+def test_flags_parse_where_stdout_cannot_be_reconfigured(monkeypatch):
+    monkeypatch.setattr(sys, 'stdout', io.StringIO())  # as a notebook's stream: no reconfigure
+    assert train.get_args(['--epochs', '3']).epochs == 3 and ev.get_args(['--summary']).summary
+
+
 def test_routing_pictures_beside_the_default_results_are_ignored_by_git():
     if not os.path.isdir(os.path.join(HERE, '.git')):
         pytest.skip('not a git checkout')
