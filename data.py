@@ -40,7 +40,8 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 
 def parser(description):
     """argparse whose own errors (a mistyped flag, a value of the wrong type) end in one line and exit 1 too; flags
-    are spelled in full. Both scripts take --device (torch names a device it cannot use)."""
+    are spelled in full. Both scripts take --device (torch names a device it cannot use), and print paths whose bytes
+    are not UTF-8 as they are."""
     if hasattr(sys.stdout, 'reconfigure'):  # a console (a notebook's stream has none): a path's bytes print as they are
         sys.stdout.reconfigure(errors='surrogateescape')
     p = argparse.ArgumentParser(description=description, formatter_class=Help, allow_abbrev=False)
@@ -385,8 +386,8 @@ def render(x0, views, p, orders):
 
 
 def make_views(x0, views, p, orders, norm, stats):
-    """The pairing the method needs from a batch of training items: x0 and views v1, v2 normalised, and the views'
-    parameters a1, a2 standardised with the run's statistics (mean, std)."""
+    """The pairing the method needs from a batch of training items (x0, views, p, all on the device): x0 and views v1,
+    v2 normalised, and the views' parameters a1, a2 standardised with the run's statistics (mean, std)."""
     x0, views = (TF.normalize(t, *norm) for t in render(x0, views, p, orders))
     a = (p - stats[0].to(p.device)) / stats[1].to(p.device)
     return x0, views[:, 0], views[:, 1], a[:, 0], a[:, 1]
