@@ -92,8 +92,7 @@ def stl10(root, split, size=96):
     for part in split.split('+'):  # FileNotFoundError names a file that is missing
         x_path, y_path = (os.path.join(folder, f'{part}_{xy}.bin') for xy in 'Xy')
         n, rest = divmod(os.path.getsize(x_path), 3 * 96 * 96)
-        y = torch.full((n,), -1) if part == 'unlabeled' else torch.from_file(y_path, size=os.path.getsize(y_path),
-                                                                             dtype=torch.uint8).long() - 1
+        y = torch.full((n,), -1) if part == 'unlabeled' else torch.tensor(list(pathlib.Path(y_path).read_bytes())) - 1
         if rest or len(y) != n:
             fail(f'the sizes of {x_path} and {part}_y.bin disagree (a truncated file?): extract STL-10 again')
         x = torch.from_file(x_path, size=n * 3 * 96 * 96, dtype=torch.uint8)
@@ -341,8 +340,7 @@ def gaussian_blur(x, sigma):
     grouped convolution (a kernel per sample and channel) along the width, then one along the height."""
     n, c, k = *x.shape[:2], int(0.1 * x.shape[-1]) // 2 * 2 + 1
     t = torch.arange(k, device=x.device) - (k - 1) / 2
-    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2).repeat_interleave(c, 0)
-    kernel = kernel / kernel.sum(1, keepdim=True)
+    kernel = (-0.5 * (t / sigma[:, None]) ** 2).softmax(1).repeat_interleave(c, 0)  # exp(-t^2 / 2 sigma^2), normalised
     x = F.pad(x, [k // 2] * 4, mode='reflect').flatten(0, 1)[None]
     x = F.conv2d(F.conv2d(x, kernel.view(n * c, 1, 1, k), groups=n * c), kernel.view(n * c, 1, k, 1), groups=n * c)
     return x.view(n, c, *x.shape[-2:])
@@ -363,18 +361,11 @@ def gray(x, _):
 def augment(x, p, order):
     """Views of float crops x in [0, 1] with parameters p (n x 11): flip, colour in `order`, gray, blur."""
     x = torch.where(p[:, COL['flip'], None, None, None] > 0, x.flip(-1), x)
-    for op in order.tolist():  # each operation only on the samples it moves, so the identity is exact
-        f = p[:, COL['brightness'] + op]
-        x = apply_to(x, f != IDENTITY[op], COLOUR[op], f)
-    x = apply_to(x, p[:, COL['gray']] > 0, gray, p[:, COL['gray']])
-    return apply_to(x, p[:, COL['sigma']] > 0, gaussian_blur, p[:, COL['sigma']])
-
-
-def apply_to(x, mask, fn, factor):
-    """x, with fn(x, factor) written in place into the rows where mask holds."""
-    i = torch.nonzero(mask).squeeze(1)
-    if len(i):
-        x[i] = fn(x[i], factor[i])
+    colour = [(COL['brightness'] + op, COLOUR[op], IDENTITY[op]) for op in order.tolist()]
+    for col, fn, identity in [*colour, (COL['gray'], gray, 0), (COL['sigma'], gaussian_blur, 0)]:
+        i = torch.nonzero(p[:, col] != identity).squeeze(1)  # only the samples it moves, so the identity is exact
+        if len(i):
+            x[i] = fn(x[i], p[i, col])
     return x
 
 

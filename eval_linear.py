@@ -33,8 +33,7 @@ def get_args(argv=None):
     p.add_argument('--ckpt', help="train.py's ckpt.pt or encoder.pt, or an official checkpoint ({'backbone': ...})")
     p.add_argument('--dataset', help=f'stl10, imagenet100, sun397, {", ".join(TORCHVISION)}; any other name is an '
                                      'image folder (--data-dir with train/, test/ of class folders: mit67, cars, ...)')
-    p.add_argument('--data-dir', help='torchvision root (downloaded into when online) or image folder (data if not '
-                   'given)')
+    p.add_argument('--data-dir', help='torchvision root (downloads go there) or image folder (data if not given)')
     p.add_argument('--few-shot', type=int, metavar='K', help='5-way K-shot episodes instead of the linear probe')
     p.add_argument('--episodes', type=int, help='few-shot episodes (2000 if not given)')
     p.add_argument('--analyze', action='store_true', help='equivariance of the frozen features; of a ckpt.pt with an '
@@ -58,17 +57,14 @@ def check_task(args):
             'analyze': task == '--analyze', 'few_shot': task == '--few-shot', 'episodes': task == '--few-shot'}
     for flag in [f for f, used in acts.items() if not used and getattr(args, f) not in (None, False)]:
         fail(f'--{flag.replace("_", "-")} has no effect with {task}: drop it')
-    if task == '--summary':
-        return
-    if not (args.ckpt and args.dataset):
+    if task != '--summary' and not (args.ckpt and args.dataset):
         fail('give --ckpt and --dataset (or --summary)')
     if args.analyze and 'all' in TORCHVISION.get(args.dataset, (None, {}))[1]:
         fail(f'--analyze fits on a train split and scores on a test split; {args.dataset} has no official ones')
-    with open(args.results, 'a+', errors='replace') as f:  # opened as the result will be, before any work (OSError)
+    with open(args.results, 'r' if task == '--summary' else 'a+', errors='replace') as f:  # as the task will (OSError)
         f.seek(0)
-        first = f.readline()
-    if first and not first.startswith('{'):  # a ckpt.pt, say: a line appended would change its hash
-        fail(f'--results {args.results} is not a file of JSON lines: give another file (it was left as it is)')
+        if f.read(1) not in ('', '{'):  # a ckpt.pt, say: a line appended would change its hash
+            fail(f'--results {args.results} is not a file of JSON lines: give another file (it was left as it is)')
 
 
 def features(args, net, size, norm):
@@ -111,51 +107,47 @@ def minimise(loss, theta):
                             line_search_fn='strong_wolfe')
 
     def closure():
-        opt.zero_grad()
         value = loss(theta)
-        value.backward()
+        theta.grad = torch.autograd.grad(value, theta)[0]
         return value
     opt.step(closure)
     return theta.detach()
 
 
 def logistic_regression(x, y, n_classes, w, init=None):
-    """AugSelf's probe: summed cross-entropy + w ||theta||^2 (bias included); theta is (d+1) x C."""
-    x = F.pad(x, (0, 1), value=1)  # the bias as a last feature of 1
+    """AugSelf's probe: summed cross-entropy + w ||theta||^2 (bias included: x's last feature is 1); theta is d x C."""
     init = x.new_zeros(x.shape[1], n_classes) if init is None else init
     return minimise(lambda t: F.cross_entropy(x @ t, y, reduction='sum') + w * t.pow(2).sum(), init)
 
 
 def one_vs_rest(x, y, n_classes):
     """scikit-learn's LogisticRegression(solver='liblinear'), C = 1, for E episodes (x: E x n x d) at once: per
-    class, 1/2 ||[theta; b]||^2 + sum log(1 + exp(-y (theta x + b))), y = +-1. Returns E x (d+1) x C."""
-    x, y_c = F.pad(x, (0, 1), value=1), 2 * F.one_hot(y, n_classes).float() - 1
+    class, 1/2 ||[theta; b]||^2 + sum log(1 + exp(-y (theta x + b))), y = +-1; x's last feature is 1 (the bias b).
+    Returns E x d x C."""
+    y_c = 2 * F.one_hot(y, n_classes).float() - 1
     init = x.new_zeros(x.shape[0], x.shape[-1], n_classes)
     return minimise(lambda t: t.pow(2).sum() / 2 + F.softplus(-y_c * (x @ t)).sum(), init)
 
 
-def classify(theta, x):
-    return (F.pad(x, (0, 1), value=1) @ theta).argmax(-1)
-
-
 def accuracy(pred, y, per_class):
-    if not per_class:
-        return (pred == y).float().mean().item()
-    return torch.stack([(pred[y == c] == c).float().mean() for c in y.unique()]).mean().item()
+    """Top-1 accuracy, or with per_class the mean over the classes of y of each one's accuracy."""
+    groups = [y == c for c in y.unique()] if per_class else [torch.ones_like(y, dtype=torch.bool)]
+    return torch.stack([(pred[g] == y[g]).float().mean() for g in groups]).mean().item()
 
 
 def linear_probe(feats, name, per_class, device):
     """Choose w on val (each fit warm-started from the last), refit on train + val, report test (after AugSelf)."""
-    (xt, yt), (xv, yv), (xs, ys) = (tuple(t.to(device) for t in s) for s in probe_splits(name, feats))
+    splits = probe_splits(name, feats)  # each with the bias as a last feature of 1
+    (xt, yt), (xv, yv), (xs, ys) = ((F.pad(x, (0, 1), value=1).to(device), y.to(device)) for x, y in splits)
     if len(torch.cat([yt, yv]).unique()) < 2:  # one class would score 100%
         fail(f'{name}: a linear probe needs two classes or more; its training split holds one class or none')
     n_classes, theta, scores = int(max(yt.max(), yv.max(), ys.max())) + 1, None, []
     for w in tqdm(WEIGHTS.tolist(), desc='choosing w on val', leave=False):
         theta = logistic_regression(xt, yt, n_classes, w, theta)
-        scores.append((accuracy(classify(theta, xv), yv, per_class), w, theta))
+        scores.append((accuracy((xv @ theta).argmax(-1), yv, per_class), w, theta))
     best, w, theta = max(scores, key=lambda s: s[0])  # the first w of the best validation accuracy
     theta = logistic_regression(torch.cat([xt, xv]), torch.cat([yt, yv]), n_classes, w, theta)
-    return {'accuracy': accuracy(classify(theta, xs), ys, per_class), 'val_accuracy': best, 'w': w,
+    return {'accuracy': accuracy((xs @ theta).argmax(-1), ys, per_class), 'val_accuracy': best, 'w': w,
             'splits': {'train': len(yt), 'val': len(yv), 'test': len(ys)}}
 
 
@@ -174,9 +166,8 @@ def episodes(labels, n, k, queries, ways=5, seed=0):
             rest = i[k:]
             query.append(rest[:queries] if len(rest) >= queries else
                          rest[torch.randint(len(rest), (queries,), generator=g)])
-    way = torch.arange(ways)
-    return (torch.cat(support).view(n, -1), torch.cat(query).view(n, -1), way.repeat_interleave(k),
-            way.repeat_interleave(queries))
+    return (torch.cat(support).view(n, -1), torch.cat(query).view(n, -1),
+            torch.arange(ways).repeat_interleave(k), torch.arange(ways).repeat_interleave(queries))
 
 
 def few_shot(feats, name, k, n, device, queries=16, chunk=100):
@@ -185,13 +176,12 @@ def few_shot(feats, name, k, n, device, queries=16, chunk=100):
     pool = ['test'] if name == 'fc100' else list(feats)
     f, y = (torch.cat([feats[s][j] for s in pool]) for j in (0, 1))
     support, query, ys, yq = episodes(y, n, k, queries)
-    f, acc = f.to(device), []
+    f, acc = F.pad(f, (0, 1), value=1).to(device), []  # the bias as a last feature of 1
     for s, q in zip(support.split(chunk), query.split(chunk)):
         theta = one_vs_rest(f[s], ys.expand(len(s), -1).to(device), 5)
-        acc.append((classify(theta, f[q]) == yq.to(device)).float().mean(1).cpu())
+        acc.append(((f[q] @ theta).argmax(-1) == yq.to(device)).float().mean(1).cpu())
     acc = torch.cat(acc)
-    return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std(correction=0).item() / n ** 0.5,
-            'pool': len(y)}
+    return {'accuracy': acc.mean().item(), 'ci95': 1.96 * acc.std(correction=0).item() / n ** 0.5, 'pool': len(y)}
 
 
 def cca(cov, k, ridge=1e-6):
@@ -312,10 +302,9 @@ def rank(value, values):
 
 
 def table(task, rows):
-    """Rows {checkpoint: {column: value}} as text; a linear probe adds the mean and average rank (ties share) over
-    the data sets every row has."""
-    columns = list(dict.fromkeys(c for row in rows.values() for c in row))  # analysis: in ANALYSIS_COLUMNS order
-    columns = columns if task == 'analysis' else sorted(columns)
+    """Rows {checkpoint: {column: value}} as text, columns in ANALYSIS_COLUMNS order or sorted (data set/metric); a
+    linear probe adds the mean and average rank (ties share) over the data sets every row has."""
+    columns = sorted(set().union(*rows.values()), key=ANALYSIS_COLUMNS.index if task == 'analysis' else None)
     common = [c for c in columns if all(c in row for row in rows.values())]
     if task == 'linear' and common:
         for row in rows.values():

@@ -1,6 +1,6 @@
 """The method's modules: encoder f, experts E_k, soft task-aware routers, head variants, psi and phi; reading the
 checkpoints that hold them and restoring an encoder from any layout read."""
-import os
+import pathlib
 import pickle
 
 import torch
@@ -31,13 +31,11 @@ class Experts(nn.Module):
 
     def __init__(self, n, d, out=EMBED, hidden=None, bn=nn.BatchNorm1d):
         super().__init__()
-        hidden = hidden or d
-        self.w1 = nn.Parameter(torch.empty(n, d, hidden))
-        self.w2 = nn.Parameter(torch.empty(n, hidden, hidden))
-        self.w3 = nn.Parameter(torch.empty(n, hidden, out))
+        h = hidden or d  # the hidden width
+        self.w1, self.w2, self.w3 = (nn.Parameter(torch.empty(n, *shape)) for shape in [(d, h), (h, h), (h, out)])
         self.b3 = nn.Parameter(torch.empty(n, out))
-        self.bn1, self.bn2 = bn(n * hidden), bn(n * hidden)
-        for w, fan_in in [(self.w1, d), (self.w2, hidden), (self.w3, hidden), (self.b3, hidden)]:
+        self.bn1, self.bn2 = bn(n * h), bn(n * h)
+        for w, fan_in in [(self.w1, d), (self.w2, h), (self.w3, h), (self.b3, h)]:
             nn.init.uniform_(w, -fan_in ** -0.5, fan_in ** -0.5)  # as every nn.Linear: uniform +-1/sqrt(fan_in)
 
     def forward(self, h):  # B x d -> B x N x out
@@ -125,10 +123,9 @@ def save(obj, path):
     """Write atomically: a temporary file, then a rename, so a crash or a full disk never leaves a half-written file."""
     try:
         torch.save(obj, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        pathlib.Path(path + '.tmp').replace(path)
     except (OSError, RuntimeError) as e:  # torch raises RuntimeError('... file write failed') where the disk is full
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
+        pathlib.Path(path + '.tmp').unlink(missing_ok=True)
         fail(f'cannot write {path}: the disk is full or failing ({type(e).__name__}); what was there before is kept')
 
 

@@ -1048,7 +1048,8 @@ def test_probe_penalises_the_bias():
     """Constant features, one class: the bias alone fits. With 2 classes, bias (t, -t), the loss
     n log(1 + e^(-2t)) + 2 w t^2 is least where 2 w t = n sigmoid(-2t); an unpenalised bias would grow without end."""
     n, w = 10, 1.0
-    theta = ev.logistic_regression(torch.zeros(n, 3), torch.zeros(n, dtype=torch.long), 2, w)
+    x = torch.tensor([[0.0, 0.0, 1.0]]).expand(n, -1)  # the last feature is the bias's 1
+    theta = ev.logistic_regression(x, torch.zeros(n, dtype=torch.long), 2, w)
     lo, hi = 0.0, 10.0
     for _ in range(60):
         t = (lo + hi) / 2
@@ -1067,7 +1068,7 @@ def test_validation_split_equals_random_split():
 
 def test_one_vs_rest_solves_two_points_by_hand():
     """x = +1 (class 0), x = -1 (class 1): by symmetry b = 0 and theta solves theta = 2 sigmoid(-theta)."""
-    theta = ev.one_vs_rest(torch.tensor([[[1.0], [-1.0]]]), torch.tensor([[0, 1]]), 2)[0]
+    theta = ev.one_vs_rest(torch.tensor([[[1.0, 1.0], [-1.0, 1.0]]]), torch.tensor([[0, 1]]), 2)[0]  # x; the bias's 1
     lo, hi = 0.0, 2.0
     for _ in range(60):
         t = (lo + hi) / 2
@@ -1078,7 +1079,7 @@ def test_one_vs_rest_solves_two_points_by_hand():
 def test_one_vs_rest_penalises_the_intercept():
     """All x = 0, three of class 0 and one of class 1: theta = 0 and class 0's intercept minimises b^2/2 +
     3 log(1 + e^-b) + log(1 + e^b), so b = 3 sigmoid(-b) - sigmoid(b), about 0.5; unpenalised it would be log 3."""
-    theta = ev.one_vs_rest(torch.zeros(1, 4, 1), torch.tensor([[0, 0, 0, 1]]), 2)[0]
+    theta = ev.one_vs_rest(torch.tensor([[[0.0, 1.0]] * 4]), torch.tensor([[0, 0, 0, 1]]), 2)[0]  # x = 0; the bias's 1
     lo, hi = 0.0, 2.0
     for _ in range(60):
         b = (lo + hi) / 2
@@ -1391,6 +1392,12 @@ def test_summary_ranks_over_the_data_sets_every_row_has():
     assert text[-1].startswith('mean and avg rank over x, y (top1: top-1 accuracy, mpc: mean per-class')
     assert rows['a']['mean'] == rows['b']['mean'] == 30.0 and rows['a']['avg rank'] == rows['b']['avg rank'] == 1.5
     assert text[1].split()[-3] == '-'  # a has no z
+
+
+def test_analysis_columns_keep_their_order_whatever_the_first_row_holds():
+    rows = {'encoder.pt': {'frozen_mrr': 0.5, 'frozen_hit1': 0.4}, 'ckpt.pt': {'cca': 0.1, 'frozen_mrr': 0.6,
+                                                                               'mrr': 0.7}}
+    assert ev.table('analysis', rows).splitlines()[0].split() == ['analysis', 'cca', 'mrr', 'frozen_mrr', 'frozen_hit1']
 
 
 def test_eval_commands_write_results_the_summary_reads(stl, trained, tmp_path, capsys):
@@ -2189,6 +2196,10 @@ def test_results_are_never_appended_to_a_file_that_is_not_json_lines(trained, tm
     before = open(ckpt, 'rb').read()
     message = fails(ev, ['--ckpt', ckpt, '--dataset', 'stl10', '--results', ckpt])
     assert 'is not a file of JSON lines' in message and open(ckpt, 'rb').read() == before
+    assert 'is not a file of JSON lines' in fails(ev, ['--summary', '--results', ckpt])  # nor tabled
+    with pytest.raises(FileNotFoundError, match='none.jsonl'):  # the summary of no file: Python names it
+        ev.get_args(['--summary', '--results', str(tmp_path / 'none.jsonl')])
+    assert not os.path.exists(tmp_path / 'none.jsonl')
 
 
 @pytest.mark.parametrize('flag', [['--ckpt', 'c'], ['--dataset', 'stl10'], ['--data-dir', 'data'], ['--analyze'],
@@ -2271,9 +2282,11 @@ def test_paths_whose_bytes_are_not_utf8_print_and_the_result_is_kept(stl, traine
     assert finished.returncode == 0 and b'r\xffn: the run is finished' in finished.stdout, finished.stderr
 
 
-def test_flags_parse_where_stdout_cannot_be_reconfigured(monkeypatch):
+def test_flags_parse_where_stdout_cannot_be_reconfigured(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, 'stdout', io.StringIO())  # as a notebook's stream: no reconfigure
-    assert train.get_args(['--epochs', '3']).epochs == 3 and ev.get_args(['--summary']).summary
+    (tmp_path / 'r.jsonl').touch()
+    assert train.get_args(['--epochs', '3']).epochs == 3
+    assert ev.get_args(['--summary', '--results', str(tmp_path / 'r.jsonl')]).summary
 
 
 def test_routing_pictures_beside_the_default_results_are_ignored_by_git():

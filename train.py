@@ -70,8 +70,7 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for CPU processes (gloo), which torch's own refuses: each process normalises the global batch,
     gathered with gradient, and keeps its own rows, as one process would. On GPUs nn.SyncBatchNorm is used."""
 
-    def _check_input_dim(self, x):
-        pass
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim  # any input of 2 or more dimensions
 
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
@@ -103,8 +102,7 @@ def lr_at(args, epoch):
 
 def shard(x, rank, world):
     """This process's contiguous share of a global batch."""
-    b = len(x) // world
-    return x[rank * b:(rank + 1) * b]
+    return x[rank * len(x) // world:(rank + 1) * len(x) // world]
 
 
 def start_processes(args):
@@ -132,9 +130,8 @@ def open_run(args, rank):
     ckpt = load_checkpoint(path)  # FileNotFoundError: no epoch has ended
     if not RUN_KEYS <= ckpt.keys():
         fail(f'{path} is not a train.py checkpoint; use a new --out-dir or --overwrite')
-    trained, here = ckpt['args'], vars(args)
-    changed = {k: (trained.get(k), here.get(k)) for k in sorted(trained.keys() | here.keys())
-               if trained.get(k) != here.get(k)}
+    there, here = ckpt['args'], vars(args)
+    changed = {k: (there.get(k), here.get(k)) for k in sorted({**there, **here}) if there.get(k) != here.get(k)}
     refused = ', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changed.items() if k not in RESUMABLE)
     if refused:
         fail(f'--resume: {path} was trained with other flags ({refused}); pass its flags or use --overwrite')
@@ -209,8 +206,7 @@ def train_epoch(net, opt, batches, epoch, args, run):
     router's mean weights."""
     rank, n = run['rank'], run['steps']
     sums, routing, lr = torch.zeros(2), 0, lr_at(args, epoch)
-    for group in opt.param_groups:  # the schedule: constant within an epoch
-        group['lr'] = lr
+    opt.param_groups[0]['lr'] = lr  # the schedule: constant within an epoch (one group: every parameter)
     bar = tqdm(zip(range(n), batches), f'epoch {epoch + 1}/{args.epochs}', n, disable=rank > 0)
     for step, batch in bar:
         # forward (this process's share of the global batch) and the loss L = L_inv + lambda L_eq
