@@ -1058,6 +1058,18 @@ def test_probe_penalises_the_bias():
     assert theta[-1].tolist() == pytest.approx([t, -t], abs=1e-3) and theta[:-1].abs().max() < 1e-6
 
 
+def test_both_probes_fit_a_bias(monkeypatch):
+    """1-D features, all positive, class c about c + 1: without a bias each class's score is a line through 0, so one
+    class wins every point (1/2 of two classes, 1/5 of five ways); with it the probe splits them."""
+    def line(n, classes, seed):
+        y = torch.arange(n) % classes
+        return y[:, None] + 1 + 0.1 * torch.randn(n, 1, generator=torch.Generator().manual_seed(seed)), y
+    monkeypatch.setattr(ev, 'WEIGHTS', torch.tensor([1e-2]))  # one w: the fit is under test, not the search
+    feats = {s: line(200, 2, seed) for seed, s in enumerate(['train', 'val', 'test'])}
+    assert ev.linear_probe(feats, 'synthetic', False, 'cpu')['accuracy'] > 0.95
+    assert ev.few_shot({'all': line(400, 5, 0)}, 'line', 5, 40, 'cpu')['accuracy'] > 0.4
+
+
 def test_validation_split_equals_random_split():
     f, y = torch.randn(5000, 2), torch.arange(5000)
     ref_train, ref_val = torch.utils.data.random_split(range(5000), [4500, 500],
@@ -1395,8 +1407,8 @@ def test_summary_ranks_over_the_data_sets_every_row_has():
 
 
 def test_analysis_columns_keep_their_order_whatever_the_first_row_holds():
-    rows = {'encoder.pt': {'frozen_mrr': 0.5, 'frozen_hit1': 0.4}, 'ckpt.pt': {'cca': 0.1, 'frozen_mrr': 0.6,
-                                                                               'mrr': 0.7}}
+    rows = {'encoder.pt': {'frozen_mrr': 0.5, 'frozen_hit1': 0.4},
+            'ckpt.pt': {'cca': 0.1, 'frozen_mrr': 0.6, 'mrr': 0.7}}
     assert ev.table('analysis', rows).splitlines()[0].split() == ['analysis', 'cca', 'mrr', 'frozen_mrr', 'frozen_hit1']
 
 
